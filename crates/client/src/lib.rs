@@ -1,0 +1,235 @@
+//! A typed client of the fleetrun REST API, used by the CLI, the tests and the benchmarks.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use proto::api::{
+    CreateRun, ErrorBody, ErrorDetail, Execution, Machine, MachineList, Run, RunList,
+};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error body.
+    #[error("{}", api_message(.detail))]
+    Api {
+        status: StatusCode,
+        detail: ErrorDetail,
+    },
+    #[error("cannot reach the fleetrun server at {url}: {source}")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("unexpected answer from the server ({status}): {body}")]
+    Unexpected { status: StatusCode, body: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+fn api_message(detail: &ErrorDetail) -> String {
+    match &detail.field {
+        Some(field) => format!("{} (field `{field}`, {})", detail.message, detail.code),
+        None => format!("{} ({})", detail.message, detail.code),
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    pub fn new(url: &str, token: &str) -> Result<Self> {
+        let base = url.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::Config(format!(
+                "server URL `{url}` must start with http:// or https://"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|error| ClientError::Config(format!("building the HTTP client: {error}")))?;
+        Ok(Self {
+            http,
+            base,
+            token: token.to_string(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+    }
+
+    async fn send(&self, request: RequestBuilder) -> Result<reqwest::Response> {
+        let response = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base.clone(),
+                source,
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.text().await.unwrap_or_default();
+        match serde_json::from_str::<ErrorBody>(&body) {
+            Ok(error) => Err(ClientError::Api {
+                status,
+                detail: error.error,
+            }),
+            Err(_) => Err(ClientError::Unexpected { status, body }),
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T> {
+        let response = self.send(request).await?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base.clone(),
+                source,
+            })?;
+        serde_json::from_slice(&body).map_err(|error| ClientError::Unexpected {
+            status,
+            body: format!("{error}: {}", String::from_utf8_lossy(&body)),
+        })
+    }
+
+    pub async fn machines(&self) -> Result<Vec<Machine>> {
+        let list: MachineList = self.json(self.request(Method::GET, "/v1/machines")).await?;
+        Ok(list.machines)
+    }
+
+    pub async fn machine(&self, name_or_id: &str) -> Result<Machine> {
+        self.json(self.request(Method::GET, &format!("/v1/machines/{}", encode(name_or_id))))
+            .await
+    }
+
+    pub async fn delete_machine(&self, name_or_id: &str) -> Result<()> {
+        self.send(self.request(
+            Method::DELETE,
+            &format!("/v1/machines/{}", encode(name_or_id)),
+        ))
+        .await?;
+        Ok(())
+    }
+
+    pub async fn create_run(&self, run: &CreateRun) -> Result<Run> {
+        self.json(self.request(Method::POST, "/v1/runs").json(run))
+            .await
+    }
+
+    pub async fn runs(&self, limit: u32, before: Option<&str>) -> Result<RunList> {
+        let mut request = self
+            .request(Method::GET, "/v1/runs")
+            .query(&[("limit", limit.to_string())]);
+        if let Some(before) = before {
+            request = request.query(&[("before", before)]);
+        }
+        self.json(request).await
+    }
+
+    /// A run with its executions. With `wait`, the server holds the answer until the run is
+    /// done or `wait` has passed.
+    pub async fn run(&self, id: &str, wait: Option<Duration>) -> Result<Run> {
+        let mut request = self.request(Method::GET, &format!("/v1/runs/{}", encode(id)));
+        if let Some(wait) = wait {
+            request = request.query(&[("wait", format!("{}ms", wait.as_millis()))]);
+        }
+        self.json(request).await
+    }
+
+    /// Waits until the run is done, however long that takes.
+    pub async fn wait_run(&self, id: &str) -> Result<Run> {
+        loop {
+            let run = self.run(id, Some(Duration::from_secs(60))).await?;
+            if matches!(run.status.as_str(), "succeeded" | "failed" | "canceled") {
+                return Ok(run);
+            }
+        }
+    }
+
+    pub async fn cancel_run(&self, id: &str) -> Result<Run> {
+        self.json(self.request(Method::POST, &format!("/v1/runs/{}/cancel", encode(id))))
+            .await
+    }
+
+    pub async fn execution(&self, id: &str) -> Result<Execution> {
+        self.json(self.request(Method::GET, &format!("/v1/executions/{}", encode(id))))
+            .await
+    }
+
+    /// The bytes of one stream (`stdout` or `stderr`) of an execution from `offset`; with
+    /// `follow`, the stream stays open until the execution ends.
+    pub async fn output(
+        &self,
+        execution: &str,
+        stream: &str,
+        offset: u64,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Bytes>> + use<>> {
+        let request = self
+            .request(
+                Method::GET,
+                &format!(
+                    "/v1/executions/{}/output/{}",
+                    encode(execution),
+                    encode(stream)
+                ),
+            )
+            .query(&[
+                ("offset", offset.to_string()),
+                ("follow", follow.to_string()),
+            ]);
+        let response = self.send(request).await?;
+        let url = self.base.clone();
+        Ok(response.bytes_stream().map(move |chunk| {
+            chunk.map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })
+        }))
+    }
+
+    /// The whole of one stream, collected.
+    pub async fn output_bytes(&self, execution: &str, stream: &str) -> Result<Vec<u8>> {
+        let mut chunks = Box::pin(self.output(execution, stream, 0, false).await?);
+        let mut bytes = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            bytes.extend_from_slice(&chunk?);
+        }
+        Ok(bytes)
+    }
+
+    /// A GET of any path, answered as raw JSON: for tools and tests.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        self.json(self.request(Method::GET, path)).await
+    }
+}
+
+/// Percent-encodes one path segment.
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,425 @@
+//! What a run asks for, and the validation that turns a request into a `RunSpec`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::labels::{Selector, SelectorError};
+use crate::limits::Limits;
+use crate::template::{TemplateError, render, validate_parameter_name};
+use crate::units::parse_duration;
+
+/// A request that failed validation: a stable machine-readable code, a sentence for a person,
+/// and the request field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ValidationError {
+    pub code: &'static str,
+    pub message: String,
+    pub field: String,
+}
+
+impl ValidationError {
+    pub fn new(code: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            field: field.into(),
+        }
+    }
+}
+
+/// The machines a run is aimed at: exactly one way of naming them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Targets {
+    /// Machines by name or id.
+    Machines(Vec<String>),
+    Selector(Selector),
+    All,
+}
+
+/// An interpreter named by the operator: a program name looked up on the machine's `PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interpreter(String);
+
+impl Interpreter {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Interpreter names are plain program names (`bash`, `python3`) or absolute paths.
+pub fn validate_interpreter(name: &str) -> Result<Interpreter, ValidationError> {
+    let plain = !name.is_empty()
+        && name.len() <= 256
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+' | '/'));
+    if plain {
+        Ok(Interpreter(name.to_string()))
+    } else {
+        Err(ValidationError::new(
+            "InvalidInterpreter",
+            "interpreter",
+            format!("interpreter `{name}` is not a program name such as bash, sh or python3"),
+        ))
+    }
+}
+
+/// Environment variable names: not empty, no `=` and no NUL.
+pub fn validate_env_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 256 && !name.contains(['=', '\0'])
+}
+
+/// A run as the operator asked for it, before validation. Durations are text (`90s`, `5m`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunRequest {
+    pub machines: Vec<String>,
+    pub selector: Option<String>,
+    pub all: bool,
+    pub script: String,
+    pub interpreter: Option<String>,
+    pub parameters: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub timeout: Option<String>,
+    pub delivery_timeout: Option<String>,
+}
+
+/// A validated run: what is stored and what each machine is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSpec {
+    /// The script as given, `{{parameters}}` and all.
+    pub script: String,
+    pub interpreter: Option<Interpreter>,
+    pub parameters: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub timeout: Duration,
+    pub delivery_timeout: Duration,
+}
+
+impl RunSpec {
+    /// The script with its parameters substituted. Validation already proved this succeeds.
+    pub fn rendered_script(&self) -> Result<String, TemplateError> {
+        render(&self.script, &self.parameters)
+    }
+}
+
+impl RunRequest {
+    /// Checks every field against `limits` and returns the targets and the spec, or the first
+    /// problem found.
+    pub fn validate(self, limits: &Limits) -> Result<(Targets, RunSpec), ValidationError> {
+        let targets = self.targets()?;
+
+        if self.script.trim().is_empty() {
+            return Err(ValidationError::new(
+                "EmptyScript",
+                "script",
+                "the script is empty",
+            ));
+        }
+        if self.script.len() as u64 > limits.max_script_bytes {
+            return Err(ValidationError::new(
+                "ScriptTooLarge",
+                "script",
+                format!(
+                    "the script is {} bytes, over the limit of {} bytes (max_script_bytes)",
+                    self.script.len(),
+                    limits.max_script_bytes
+                ),
+            ));
+        }
+
+        if self.parameters.len() > limits.max_parameters {
+            return Err(ValidationError::new(
+                "TooManyParameters",
+                "parameters",
+                format!(
+                    "{} parameters given, at most {} allowed",
+                    self.parameters.len(),
+                    limits.max_parameters
+                ),
+            ));
+        }
+        for (name, value) in &self.parameters {
+            validate_parameter_name(name).map_err(|error| {
+                ValidationError::new("InvalidParameterName", "parameters", error.to_string())
+            })?;
+            if value.len() > limits.max_parameter_value_bytes {
+                return Err(ValidationError::new(
+                    "ParameterTooLarge",
+                    format!("parameters.{name}"),
+                    format!(
+                        "parameter `{name}` is {} bytes, over the limit of {}",
+                        value.len(),
+                        limits.max_parameter_value_bytes
+                    ),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(ValidationError::new(
+                    "InvalidParameterValue",
+                    format!("parameters.{name}"),
+                    format!("parameter `{name}` contains a NUL byte"),
+                ));
+            }
+        }
+        if let Err(error) = render(&self.script, &self.parameters) {
+            let field = match &error {
+                TemplateError::Missing(name) => format!("parameters.{name}"),
+                TemplateError::InvalidName(_) => "parameters".to_string(),
+            };
+            return Err(ValidationError::new(
+                "MissingParameter",
+                field,
+                error.to_string(),
+            ));
+        }
+
+        if self.env.len() > limits.max_parameters {
+            return Err(ValidationError::new(
+                "TooManyEnvironmentVariables",
+                "env",
+                format!(
+                    "{} environment variables given, at most {} allowed",
+                    self.env.len(),
+                    limits.max_parameters
+                ),
+            ));
+        }
+        for (name, value) in &self.env {
+            if !validate_env_name(name) {
+                return Err(ValidationError::new(
+                    "InvalidEnvironmentName",
+                    "env",
+                    format!(
+                        "environment variable name `{name}` is invalid: it must be non-empty without `=`"
+                    ),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(ValidationError::new(
+                    "InvalidEnvironmentValue",
+                    format!("env.{name}"),
+                    format!("environment variable `{name}` contains a NUL byte"),
+                ));
+            }
+        }
+
+        let interpreter = self
+            .interpreter
+            .as_deref()
+            .map(validate_interpreter)
+            .transpose()?;
+
+        if let Some(workdir) = &self.workdir
+            && (workdir.is_empty() || workdir.contains('\0'))
+        {
+            return Err(ValidationError::new(
+                "InvalidWorkdir",
+                "workdir",
+                "the working directory must be a non-empty path",
+            ));
+        }
+
+        let timeout = duration_field(
+            self.timeout.as_deref(),
+            "timeout",
+            limits.default_timeout,
+            limits,
+        )?;
+        let delivery_timeout = duration_field(
+            self.delivery_timeout.as_deref(),
+            "delivery_timeout",
+            limits.default_delivery_timeout,
+            limits,
+        )?;
+
+        Ok((
+            targets,
+            RunSpec {
+                script: self.script,
+                interpreter,
+                parameters: self.parameters,
+                env: self.env,
+                workdir: self.workdir,
+                timeout,
+                delivery_timeout,
+            },
+        ))
+    }
+
+    fn targets(&self) -> Result<Targets, ValidationError> {
+        let given = [!self.machines.is_empty(), self.selector.is_some(), self.all]
+            .iter()
+            .filter(|given| **given)
+            .count();
+        if given == 0 {
+            return Err(ValidationError::new(
+                "NoTargets",
+                "targets",
+                "name the targets: machines by name or id, a label selector, or all",
+            ));
+        }
+        if given > 1 {
+            return Err(ValidationError::new(
+                "ConflictingTargets",
+                "targets",
+                "give only one of machines, selector and all",
+            ));
+        }
+        if let Some(selector) = &self.selector {
+            let selector = Selector::parse(selector).map_err(|SelectorError(message)| {
+                ValidationError::new("InvalidSelector", "targets.selector", message)
+            })?;
+            return Ok(Targets::Selector(selector));
+        }
+        if self.all {
+            return Ok(Targets::All);
+        }
+        if let Some(empty) = self.machines.iter().position(|name| name.trim().is_empty()) {
+            return Err(ValidationError::new(
+                "InvalidMachine",
+                format!("targets.machines[{empty}]"),
+                "a machine name or id is empty",
+            ));
+        }
+        let mut machines = self.machines.clone();
+        machines.sort();
+        machines.dedup();
+        Ok(Targets::Machines(machines))
+    }
+}
+
+fn duration_field(
+    text: Option<&str>,
+    field: &str,
+    default: Duration,
+    limits: &Limits,
+) -> Result<Duration, ValidationError> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let duration = parse_duration(text).map_err(|message| {
+        ValidationError::new("InvalidDuration", field, format!("{field}: {message}"))
+    })?;
+    if duration.is_zero() {
+        return Err(ValidationError::new(
+            "InvalidDuration",
+            field,
+            format!("{field} must be longer than zero"),
+        ));
+    }
+    if duration > limits.max_timeout {
+        return Err(ValidationError::new(
+            "InvalidDuration",
+            field,
+            format!(
+                "{field} of {} is over the limit of {}",
+                humantime::format_duration(duration),
+                humantime::format_duration(limits.max_timeout)
+            ),
+        ));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(script: &str) -> RunRequest {
+        RunRequest {
+            all: true,
+            script: script.to_string(),
+            ..RunRequest::default()
+        }
+    }
+
+    fn error_of(request: RunRequest) -> (&'static str, String) {
+        let error = request
+            .validate(&Limits::default())
+            .expect_err("should be rejected");
+        (error.code, error.field)
+    }
+
+    #[test]
+    fn a_plain_request_validates_with_defaults() {
+        let (targets, spec) = request("echo hi")
+            .validate(&Limits::default())
+            .expect("valid");
+        assert_eq!(targets, Targets::All);
+        assert_eq!(spec.timeout, Limits::default().default_timeout);
+        assert_eq!(spec.rendered_script().ok().as_deref(), Some("echo hi"));
+    }
+
+    #[test]
+    fn bad_requests_name_the_problem_and_the_field() {
+        assert_eq!(error_of(request("  \n")), ("EmptyScript", "script".into()));
+        let limits = Limits {
+            max_script_bytes: 4,
+            ..Limits::default()
+        };
+        let error = request("echo hi").validate(&limits).expect_err("too large");
+        assert_eq!(
+            (error.code, error.field.as_str()),
+            ("ScriptTooLarge", "script")
+        );
+
+        assert_eq!(
+            error_of(request("echo {{who}}")),
+            ("MissingParameter", "parameters.who".into())
+        );
+        let mut bad_name = request("echo");
+        bad_name.parameters.insert("no spaces".into(), "x".into());
+        assert_eq!(
+            error_of(bad_name),
+            ("InvalidParameterName", "parameters".into())
+        );
+
+        let mut bad_timeout = request("true");
+        bad_timeout.timeout = Some("soon".into());
+        assert_eq!(error_of(bad_timeout), ("InvalidDuration", "timeout".into()));
+        let mut zero = request("true");
+        zero.delivery_timeout = Some("0s".into());
+        assert_eq!(
+            error_of(zero),
+            ("InvalidDuration", "delivery_timeout".into())
+        );
+
+        let mut no_targets = request("true");
+        no_targets.all = false;
+        assert_eq!(error_of(no_targets), ("NoTargets", "targets".into()));
+        let mut both = request("true");
+        both.selector = Some("env=prod".into());
+        assert_eq!(error_of(both), ("ConflictingTargets", "targets".into()));
+        let selector = RunRequest {
+            selector: Some("env=".into()),
+            script: "true".into(),
+            ..RunRequest::default()
+        };
+        let (targets, _) = selector
+            .validate(&Limits::default())
+            .expect("empty value is a value");
+        assert!(matches!(targets, Targets::Selector(_)));
+        let malformed = RunRequest {
+            selector: Some("env=prod,,".into()),
+            script: "true".into(),
+            ..RunRequest::default()
+        };
+        assert_eq!(
+            error_of(malformed),
+            ("InvalidSelector", "targets.selector".into())
+        );
+
+        let mut env = request("true");
+        env.env.insert("A=B".into(), "x".into());
+        assert_eq!(error_of(env), ("InvalidEnvironmentName", "env".into()));
+        let mut interpreter = request("true");
+        interpreter.interpreter = Some("bash; rm -rf /".into());
+        assert_eq!(
+            error_of(interpreter),
+            ("InvalidInterpreter", "interpreter".into())
+        );
+    }
+}

@@ -1,0 +1,192 @@
+//! The REST API's request and response bodies (JSON under `/v1`).
+//!
+//! Times are RFC 3339 strings in UTC. Output tails are shown as UTF-8 with invalid sequences
+//! replaced; the output endpoints return the exact bytes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Every error the API returns has this shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `ScriptTooLarge`, `MachineNotFound`, ...
+    pub code: String,
+    /// A sentence for a person.
+    pub message: String,
+    /// The request field at fault, when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Machine {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub agent_version: String,
+    /// Interpreters found on the machine's PATH.
+    pub interpreters: Vec<String>,
+    /// `online` while the agent is connected, else `offline`.
+    pub status: String,
+    pub enrolled_at: String,
+    /// When the agent was last connected (now, while it is online).
+    pub last_seen_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MachineList {
+    pub machines: Vec<Machine>,
+}
+
+/// A duration: a number of seconds, or text such as `90s`, `5m`, `1h30m`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum DurationValue {
+    Seconds(u64),
+    Text(String),
+}
+
+impl DurationValue {
+    pub fn into_text(self) -> String {
+        match self {
+            DurationValue::Seconds(seconds) => seconds.to_string(),
+            DurationValue::Text(text) => text,
+        }
+    }
+}
+
+/// The machines a run is aimed at: exactly one of `machines`, `selector` and `all`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetsBody {
+    /// Machine names or ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<String>,
+    /// A label selector: `env=prod,role=web`, `env!=dev`, `gpu` (present), `!gpu` (absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Every enrolled machine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRun {
+    pub targets: TargetsBody,
+    /// The script. `{{name}}` is replaced by parameter `name`.
+    pub script: String,
+    /// Program to run the script with. Default: the script's `#!` line, else bash, else sh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interpreter: Option<String>,
+    /// Substituted into `{{name}}` and exported as environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory on the machine. Default: a fresh directory per execution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Execution timeout. Default one hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<DurationValue>,
+    /// How long to wait for an offline machine to connect. Default ten minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_timeout: Option<DurationValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Run {
+    pub id: String,
+    /// `pending`, `in_progress`, `succeeded`, `failed` or `canceled`.
+    pub status: String,
+    pub created_at: String,
+    /// When the last execution ended.
+    pub finished_at: Option<String>,
+    pub cancel_requested: bool,
+    /// Executions by state.
+    pub counts: BTreeMap<String, u64>,
+    pub total: u64,
+    /// How the targets were named.
+    pub targets: TargetsBody,
+    pub script: String,
+    pub interpreter: Option<String>,
+    pub parameters: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub timeout_seconds: f64,
+    pub delivery_timeout_seconds: f64,
+    /// Present on a single run's detail, absent in lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executions: Option<Vec<Execution>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunList {
+    pub runs: Vec<Run>,
+    /// Pass as `before` for the next, older page; absent on the last page.
+    pub next_before: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Execution {
+    pub id: String,
+    pub run_id: String,
+    pub machine_id: String,
+    pub machine_name: String,
+    /// `pending`, `delivered`, `running`, `succeeded`, `failed`, `timed_out`, `canceled`,
+    /// `delivery_timed_out`, `skipped` or `interrupted`.
+    pub state: String,
+    pub exit_code: Option<i32>,
+    /// Why it ended as it did, when the state and exit code do not say it all.
+    pub message: Option<String>,
+    pub created_at: String,
+    pub delivered_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    /// Bytes beyond the output cap, not kept.
+    pub stdout_dropped: u64,
+    pub stderr_dropped: u64,
+    /// The last 4 KiB of each stream (UTF-8, invalid bytes replaced).
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub arch: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnrollResponse {
+    pub machine_id: String,
+    /// The machine's credential for `/v1/agents/connect`. Shown once.
+    pub machine_token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}

@@ -1,0 +1,548 @@
+//! The gateway: one WebSocket per connected agent. It keeps the registry of who is online,
+//! reconciles what the agent holds with what the store expects when an agent (re)connects, and
+//! records what the agent reports, in order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use domain::{ExecutionId, ExecutionState, Limits, MachineId};
+use futures_util::{SinkExt, StreamExt};
+use proto::agent::{
+    self, AgentMessage, Finished, HeldPhase, Hello, Outcome, Resume, ServerMessage, Stream,
+};
+use store::{ExecutionRecord, ExecutionUpdate, Finish};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+
+use crate::dispatch::{execute_message, publish_changes};
+use crate::events::Event;
+use crate::{AppState, now_millis};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+/// An agent that says nothing for this long is gone, whatever TCP thinks.
+const SILENCE_LIMIT: Duration = Duration::from_secs(90);
+/// Messages queued for one agent before senders wait.
+const OUTBOX: usize = 256;
+
+/// A way to reach one connected agent.
+#[derive(Clone)]
+struct Link {
+    connection: u64,
+    sender: mpsc::Sender<ServerMessage>,
+    close: Arc<Notify>,
+}
+
+/// Who is connected, by machine.
+#[derive(Default)]
+pub(crate) struct Gateway {
+    links: Mutex<HashMap<MachineId, Link>>,
+    next_connection: AtomicU64,
+}
+
+impl Gateway {
+    fn links(&self) -> std::sync::MutexGuard<'_, HashMap<MachineId, Link>> {
+        // A panic while holding this lock cannot leave the map half-changed (each operation is
+        // one insert or remove), so a poisoned lock is still good to use.
+        self.links
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn register(
+        &self,
+        machine: MachineId,
+        sender: mpsc::Sender<ServerMessage>,
+        close: Arc<Notify>,
+    ) -> u64 {
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let link = Link {
+            connection,
+            sender,
+            close,
+        };
+        if let Some(old) = self.links().insert(machine, link) {
+            // The machine reconnected before its old connection was noticed dead.
+            old.close.notify_one();
+        }
+        connection
+    }
+
+    fn unregister(&self, machine: MachineId, connection: u64) {
+        let mut links = self.links();
+        if links
+            .get(&machine)
+            .is_some_and(|link| link.connection == connection)
+        {
+            links.remove(&machine);
+        }
+    }
+
+    pub(crate) fn link(&self, machine: MachineId) -> Option<mpsc::Sender<ServerMessage>> {
+        self.links().get(&machine).map(|link| link.sender.clone())
+    }
+
+    pub(crate) fn is_online(&self, machine: MachineId) -> bool {
+        self.links().contains_key(&machine)
+    }
+
+    pub(crate) fn disconnect(&self, machine: MachineId) {
+        if let Some(link) = self.links().remove(&machine) {
+            link.close.notify_one();
+        }
+    }
+
+    pub(crate) fn disconnect_all(&self) {
+        for (_, link) in self.links().drain() {
+            link.close.notify_one();
+        }
+    }
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves one agent connection until it closes.
+pub(crate) async fn session(state: AppState, machine_id: MachineId, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (sender, mut outbox) = mpsc::channel::<ServerMessage>(OUTBOX);
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outbox.recv().await {
+            let frame = Message::Binary(agent::encode(&message).into());
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
+        Ok(Some(Ok(Message::Binary(bytes)))) => match agent::decode::<AgentMessage>(&bytes) {
+            Ok(AgentMessage::Hello(hello)) => Some(hello),
+            Ok(other) => {
+                tracing::warn!(machine = %machine_id, "agent sent {other:?} before Hello");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(machine = %machine_id, %error, "agent's first frame");
+                None
+            }
+        },
+        _ => None,
+    };
+    let Some(hello) = hello else {
+        drop(sender);
+        let _ = writer.await;
+        return;
+    };
+    if hello.protocol != agent::PROTOCOL_VERSION {
+        tracing::warn!(machine = %machine_id, protocol = hello.protocol, "agent speaks another protocol version");
+        drop(sender);
+        let _ = writer.await;
+        return;
+    }
+
+    let close = Arc::new(Notify::new());
+    let connection = state
+        .gateway
+        .register(machine_id, sender.clone(), close.clone());
+    tracing::info!(machine = %machine_id, hostname = %hello.hostname, "agent connected");
+    let mut conversation = Conversation {
+        state: state.clone(),
+        machine_id,
+        sender,
+        known: HashMap::new(),
+    };
+    let result = conversation.run(hello, &mut stream, &close).await;
+    match &result {
+        Ok(()) => tracing::info!(machine = %machine_id, "agent disconnected"),
+        Err(error) => tracing::warn!(machine = %machine_id, %error, "agent connection closed"),
+    }
+    state.gateway.unregister(machine_id, connection);
+    if let Err(error) = state.store.set_last_seen(machine_id, now_millis()).await {
+        tracing::warn!(machine = %machine_id, %error, "recording when the machine was last seen");
+    }
+    drop(conversation);
+    let _ = writer.await;
+}
+
+/// What this connection knows of an execution it touched.
+struct Known {
+    /// Bytes received so far, per stream (stdout, stderr).
+    received: [u64; 2],
+}
+
+struct Conversation {
+    state: AppState,
+    machine_id: MachineId,
+    sender: mpsc::Sender<ServerMessage>,
+    known: HashMap<ExecutionId, Known>,
+}
+
+impl Conversation {
+    async fn run(
+        &mut self,
+        hello: Hello,
+        stream: &mut futures_util::stream::SplitStream<WebSocket>,
+        close: &Notify,
+    ) -> Result<(), SessionError> {
+        self.welcome(hello).await?;
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        ping.tick().await;
+        let mut last_heard = Instant::now();
+        let mut nonce = 0u64;
+        loop {
+            tokio::select! {
+                frame = stream.next() => {
+                    let bytes = match frame {
+                        Some(Ok(Message::Binary(bytes))) => bytes,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                            last_heard = Instant::now();
+                            continue;
+                        }
+                        Some(Ok(Message::Text(_))) => {
+                            return Err(SessionError::Protocol("agent sent a text frame".into()));
+                        }
+                        Some(Ok(Message::Close(_))) | None => return Ok(()),
+                        Some(Err(error)) => return Err(SessionError::Protocol(format!("reading: {error}"))),
+                    };
+                    last_heard = Instant::now();
+                    let message = agent::decode::<AgentMessage>(&bytes)
+                        .map_err(|error| SessionError::Protocol(error.to_string()))?;
+                    self.handle(message).await?;
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > SILENCE_LIMIT {
+                        return Err(SessionError::Protocol("agent silent for too long".into()));
+                    }
+                    nonce += 1;
+                    self.send(ServerMessage::Ping { nonce }).await;
+                }
+                _ = close.notified() => return Ok(()),
+            }
+        }
+    }
+
+    async fn send(&self, message: ServerMessage) {
+        // A send fails only when the writer is gone, and then the read side ends too.
+        let _ = self.sender.send(message).await;
+    }
+
+    /// Records the machine's facts, settles what the agent holds against what the store
+    /// expects, and sends the agent what it should run.
+    async fn welcome(&mut self, hello: Hello) -> Result<(), SessionError> {
+        let store = &self.state.store;
+        if let Some(mut machine) = store.get_machine(self.machine_id).await? {
+            if domain::check_labels(&hello.labels).is_ok() {
+                machine.labels = hello.labels.clone();
+            } else {
+                tracing::warn!(machine = %self.machine_id, "agent reported invalid labels; keeping the old ones");
+            }
+            machine.hostname = hello.hostname.clone();
+            machine.os = hello.os.clone();
+            machine.arch = hello.arch.clone();
+            machine.agent_version = hello.agent_version.clone();
+            machine.interpreters = hello.interpreters.clone();
+            machine.last_seen_at = Some(now_millis());
+            store.update_machine_facts(&machine).await?;
+        }
+
+        let held: HashMap<ExecutionId, _> = hello
+            .held
+            .iter()
+            .map(|held| (ExecutionId::from(held.execution_id), held))
+            .collect();
+        let now = now_millis();
+        let mut updates = Vec::new();
+        let mut resume = Vec::new();
+        let mut to_send = Vec::new();
+        for execution in store.open_executions(self.machine_id).await? {
+            match held.get(&execution.id) {
+                Some(held) => {
+                    updates.push(match held.phase {
+                        HeldPhase::Queued => ExecutionUpdate::Delivered {
+                            id: execution.id,
+                            at: now,
+                        },
+                        HeldPhase::Running | HeldPhase::Finished => ExecutionUpdate::Started {
+                            id: execution.id,
+                            at: held.started_at.unwrap_or(now),
+                        },
+                    });
+                    let stdout = self.state.blobs.len(execution.id, "stdout").await?;
+                    let stderr = self.state.blobs.len(execution.id, "stderr").await?;
+                    self.known.insert(
+                        execution.id,
+                        Known {
+                            received: [stdout, stderr],
+                        },
+                    );
+                    resume.push(Resume {
+                        execution_id: execution.id.as_uuid(),
+                        stdout_offset: stdout,
+                        stderr_offset: stderr,
+                        cancel: execution.cancel_requested,
+                    });
+                }
+                None if execution.state == ExecutionState::Pending => to_send.push(execution),
+                None => updates.push(self.lost(&execution, now).await?),
+            }
+        }
+        let changed = store.apply(&updates).await?;
+        publish_changes(&self.state, &changed);
+        self.send(ServerMessage::Welcome {
+            machine_id: self.machine_id.as_uuid(),
+            resume,
+        })
+        .await;
+
+        let mut runs = HashMap::new();
+        for execution in to_send {
+            let run = match runs.entry(execution.run_id) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    let Some(run) = store.get_run(execution.run_id).await? else {
+                        continue;
+                    };
+                    entry.insert(run)
+                }
+            };
+            if let Some(message) = execute_message(&self.state, run, execution.id) {
+                self.send(message).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent does not hold an execution it was given: its outcome is unknown.
+    async fn lost(
+        &self,
+        execution: &ExecutionRecord,
+        now: i64,
+    ) -> Result<ExecutionUpdate, SessionError> {
+        let finish = self
+            .finish_record(
+                execution.id,
+                ExecutionState::Interrupted,
+                None,
+                Some(
+                    "the agent no longer holds this execution (its state directory may have been \
+                     lost); the outcome is unknown"
+                        .to_string(),
+                ),
+                execution.started_at,
+                now,
+                [0, 0],
+            )
+            .await?;
+        Ok(ExecutionUpdate::Finished(Box::new(finish)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_record(
+        &self,
+        id: ExecutionId,
+        state: ExecutionState,
+        exit_code: Option<i32>,
+        message: Option<String>,
+        started_at: Option<i64>,
+        finished_at: i64,
+        dropped: [u64; 2],
+    ) -> Result<Finish, SessionError> {
+        let blobs = &self.state.blobs;
+        Ok(Finish {
+            id,
+            state,
+            exit_code,
+            message,
+            started_at,
+            finished_at,
+            stdout_bytes: blobs.len(id, "stdout").await?,
+            stderr_bytes: blobs.len(id, "stderr").await?,
+            stdout_dropped: dropped[0],
+            stderr_dropped: dropped[1],
+            stdout_tail: blobs.tail(id, "stdout", Limits::TAIL_BYTES).await?,
+            stderr_tail: blobs.tail(id, "stderr", Limits::TAIL_BYTES).await?,
+        })
+    }
+
+    /// Looks up an execution this agent names, checking that it is this machine's.
+    async fn known(&mut self, id: ExecutionId) -> Result<Option<&mut Known>, SessionError> {
+        if !self.known.contains_key(&id) {
+            let Some(execution) = self.state.store.get_execution(id).await? else {
+                tracing::warn!(machine = %self.machine_id, execution = %id, "agent named an unknown execution");
+                return Ok(None);
+            };
+            if execution.machine_id != self.machine_id {
+                tracing::warn!(machine = %self.machine_id, execution = %id, "agent named another machine's execution");
+                return Ok(None);
+            }
+            let stdout = self.state.blobs.len(id, "stdout").await?;
+            let stderr = self.state.blobs.len(id, "stderr").await?;
+            self.known.insert(
+                id,
+                Known {
+                    received: [stdout, stderr],
+                },
+            );
+        }
+        Ok(self.known.get_mut(&id))
+    }
+
+    async fn handle(&mut self, message: AgentMessage) -> Result<(), SessionError> {
+        match message {
+            AgentMessage::Hello(_) => return Err(SessionError::Protocol("a second Hello".into())),
+            AgentMessage::Pong { .. } => {}
+            AgentMessage::Accepted { execution_id } => {
+                let id = ExecutionId::from(execution_id);
+                if self.known(id).await?.is_none() {
+                    return Ok(());
+                }
+                let changed = self
+                    .state
+                    .store
+                    .apply(&[ExecutionUpdate::Delivered {
+                        id,
+                        at: now_millis(),
+                    }])
+                    .await?;
+                if changed.is_empty() {
+                    // Either a repeat, or the execution ended (delivery timeout, canceled run)
+                    // while the Execute was on its way: then the agent must not run it.
+                    if let Some(execution) = self.state.store.get_execution(id).await?
+                        && execution.state.is_terminal()
+                    {
+                        self.send(ServerMessage::Cancel { execution_id }).await;
+                    }
+                }
+                publish_changes(&self.state, &changed);
+            }
+            AgentMessage::Started {
+                execution_id, at, ..
+            } => {
+                let id = ExecutionId::from(execution_id);
+                if self.known(id).await?.is_none() {
+                    return Ok(());
+                }
+                let changed = self
+                    .state
+                    .store
+                    .apply(&[ExecutionUpdate::Started { id, at }])
+                    .await?;
+                publish_changes(&self.state, &changed);
+            }
+            AgentMessage::Output {
+                execution_id,
+                stream,
+                offset,
+                data,
+            } => {
+                self.output(ExecutionId::from(execution_id), stream, offset, &data)
+                    .await?
+            }
+            AgentMessage::Finished(finished) => self.finished(finished).await?,
+        }
+        Ok(())
+    }
+
+    async fn output(
+        &mut self,
+        id: ExecutionId,
+        stream: Stream,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), SessionError> {
+        let cap = self.state.limits.output_cap_bytes;
+        let machine_id = self.machine_id;
+        let Some(known) = self.known(id).await? else {
+            return Ok(());
+        };
+        let index = match stream {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        };
+        let received = known.received[index];
+        if offset > received {
+            // Bytes went missing in between; reconnecting makes the agent resend from what
+            // is stored.
+            return Err(SessionError::Protocol(format!(
+                "output of {id} {} jumps from byte {received} to {offset}",
+                stream.as_str()
+            )));
+        }
+        let skip = (received - offset) as usize;
+        if skip >= data.len() {
+            return Ok(());
+        }
+        let fresh = &data[skip..];
+        known.received[index] = received + fresh.len() as u64;
+        let room = cap.saturating_sub(received) as usize;
+        let kept = &fresh[..fresh.len().min(room)];
+        if !kept.is_empty() {
+            self.state.blobs.append(id, stream.as_str(), kept).await?;
+            self.state
+                .events
+                .publish(Event::Output { execution_id: id });
+        } else {
+            tracing::debug!(machine = %machine_id, execution = %id, "output past the cap dropped");
+        }
+        Ok(())
+    }
+
+    async fn finished(&mut self, finished: Finished) -> Result<(), SessionError> {
+        let execution_id = finished.execution_id;
+        let id = ExecutionId::from(execution_id);
+        if self.known(id).await?.is_some() {
+            let state = match finished.outcome {
+                Outcome::Succeeded => ExecutionState::Succeeded,
+                Outcome::Failed => ExecutionState::Failed,
+                Outcome::TimedOut => ExecutionState::TimedOut,
+                Outcome::Canceled => ExecutionState::Canceled,
+                Outcome::Interrupted => ExecutionState::Interrupted,
+            };
+            let stored = [
+                self.state.blobs.len(id, "stdout").await?,
+                self.state.blobs.len(id, "stderr").await?,
+            ];
+            // Whatever the agent kept but the server does not have counts as dropped: the
+            // record says exactly what is stored.
+            let dropped = [
+                finished.stdout_dropped + finished.stdout_bytes.saturating_sub(stored[0]),
+                finished.stderr_dropped + finished.stderr_bytes.saturating_sub(stored[1]),
+            ];
+            let finish = self
+                .finish_record(
+                    id,
+                    state,
+                    finished.exit_code,
+                    finished.message,
+                    finished.started_at,
+                    finished.finished_at,
+                    dropped,
+                )
+                .await?;
+            let changed = self
+                .state
+                .store
+                .apply(&[ExecutionUpdate::Finished(Box::new(finish))])
+                .await?;
+            publish_changes(&self.state, &changed);
+            self.known.remove(&id);
+        }
+        // Acknowledge even what was not ours or already over, so the agent can let it go.
+        self.send(ServerMessage::Ack { execution_id }).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! The fleetrun server: the REST API for operators, the gateway that holds one WebSocket per
+//! agent, and the dispatcher between them. `app(state)` is the whole HTTP surface;
+//! `Server::start` binds it and starts the background work.
+
+mod api;
+mod auth;
+mod dispatch;
+mod error;
+mod events;
+mod gateway;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use domain::{Limits, UnixMillis};
+use store::{LocalBlobs, SqliteStore, Store, TokenKind};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub use api::{app, openapi};
+
+/// Everything the request handlers and background tasks share.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    store: Arc<dyn Store>,
+    blobs: LocalBlobs,
+    limits: Limits,
+    gateway: gateway::Gateway,
+    events: events::Events,
+    /// Woken when a new delivery deadline may be earlier than the one being waited for.
+    deadlines_changed: Notify,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn Store>, blobs: LocalBlobs, limits: Limits) -> Self {
+        Self(Arc::new(Shared {
+            store,
+            blobs,
+            limits,
+            gateway: gateway::Gateway::default(),
+            events: events::Events::new(),
+            deadlines_changed: Notify::new(),
+        }))
+    }
+}
+
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+}
+
+/// A server that is listening.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Opens the data directory (creating it on first use) and binds the listener.
+    pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let store = SqliteStore::open(&config.data_dir.join("fleetrun.db"))
+            .await
+            .context("opening the database")?;
+        let blobs =
+            LocalBlobs::new(config.data_dir.join("blobs")).context("opening the blob directory")?;
+        let state = AppState::new(Arc::new(store), blobs, config.limits);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let addr = listener
+            .local_addr()
+            .context("reading the listening address")?;
+        Ok(Self {
+            addr,
+            state,
+            listener,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let deadlines = tokio::spawn(dispatch::expire_deliveries(self.state.clone()));
+        let result = axum::serve(self.listener, app(self.state.clone()))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP");
+        deadlines.abort();
+        self.state.gateway.disconnect_all();
+        result
+    }
+}
+
+/// The operator's and the enroller's tokens, kept in a file of `KEY=value` lines in the data
+/// directory (mode 0600) so that the same tokens work across restarts. The database keeps only
+/// their hashes; if the file is lost, new tokens are made.
+pub struct Credentials {
+    pub admin_token: String,
+    pub enroll_token: String,
+}
+
+impl Credentials {
+    /// Reads the tokens from `path` if they are still valid, else makes new ones.
+    pub async fn load_or_create(state: &AppState, path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let value = |key: &str| {
+            text.lines()
+                .filter_map(|line| line.strip_prefix("export ").unwrap_or(line).split_once('='))
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let admin_token = ensure_token(state, value("FLEETRUN_TOKEN"), TokenKind::Admin).await?;
+        let enroll_token =
+            ensure_token(state, value("FLEETRUN_ENROLL_TOKEN"), TokenKind::Enroll).await?;
+        Ok(Self {
+            admin_token,
+            enroll_token,
+        })
+    }
+
+    /// Writes `FLEETRUN_URL`, `FLEETRUN_TOKEN` and `FLEETRUN_ENROLL_TOKEN` lines to `path`.
+    pub fn write(&self, path: &Path, url: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let text = self.env_lines(url, "");
+        let temporary = path.with_extension("tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .with_context(|| format!("writing {}", temporary.display()))?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    pub fn env_lines(&self, url: &str, prefix: &str) -> String {
+        format!(
+            "{prefix}FLEETRUN_URL={url}\n{prefix}FLEETRUN_TOKEN={}\n{prefix}FLEETRUN_ENROLL_TOKEN={}\n",
+            self.admin_token, self.enroll_token
+        )
+    }
+}
+
+async fn ensure_token(
+    state: &AppState,
+    known: Option<String>,
+    kind: TokenKind,
+) -> anyhow::Result<String> {
+    if let Some(token) = known {
+        let record = state.store.find_token(&auth::hash_token(&token)).await?;
+        if record.is_some_and(|record| record.kind == kind) {
+            return Ok(token);
+        }
+    }
+    let token = auth::new_token(kind);
+    state
+        .store
+        .insert_token(&auth::hash_token(&token), kind, None, now_millis())
+        .await?;
+    Ok(token)
+}
+
+pub(crate) fn now_millis() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as UnixMillis)
+        .unwrap_or_default()
+}

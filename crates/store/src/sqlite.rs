@@ -1,0 +1,706 @@
+//! The SQLite store: one file in WAL mode, a single writer connection (SQLite takes one writer
+//! at a time anyway, and a single connection never waits on its own lock) and a small pool of
+//! readers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use domain::{
+    ExecutionId, ExecutionState, Interpreter, Labels, MachineId, RunId, RunSpec, Selector,
+    StateCounts, Targets, UnixMillis, validate_interpreter,
+};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::records::*;
+use crate::{Result, Store, StoreError};
+
+/// Each entry moves the schema one version forward; `PRAGMA user_version` records how far a
+/// database has come. Never edit an entry that has shipped: add one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tokens (
+    hash TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    machine_id TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX tokens_machine ON tokens(machine_id);
+CREATE TABLE machines (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    labels TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    os TEXT NOT NULL,
+    arch TEXT NOT NULL,
+    agent_version TEXT NOT NULL DEFAULT '',
+    interpreters TEXT NOT NULL DEFAULT '[]',
+    enrolled_at INTEGER NOT NULL,
+    last_seen_at INTEGER
+);
+CREATE TABLE runs (
+    id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    targets_kind TEXT NOT NULL,
+    targets_value TEXT NOT NULL,
+    script TEXT NOT NULL,
+    interpreter TEXT,
+    parameters TEXT NOT NULL,
+    env TEXT NOT NULL,
+    workdir TEXT,
+    timeout_ms INTEGER NOT NULL,
+    delivery_timeout_ms INTEGER NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE executions (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    machine_id TEXT NOT NULL,
+    machine_name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    message TEXT,
+    created_at INTEGER NOT NULL,
+    delivered_at INTEGER,
+    started_at INTEGER,
+    finished_at INTEGER,
+    delivery_deadline INTEGER NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    stdout_bytes INTEGER NOT NULL DEFAULT 0,
+    stderr_bytes INTEGER NOT NULL DEFAULT 0,
+    stdout_dropped INTEGER NOT NULL DEFAULT 0,
+    stderr_dropped INTEGER NOT NULL DEFAULT 0,
+    stdout_tail BLOB NOT NULL DEFAULT x'',
+    stderr_tail BLOB NOT NULL DEFAULT x''
+);
+CREATE INDEX executions_run ON executions(run_id);
+CREATE INDEX executions_machine_open ON executions(machine_id)
+    WHERE state IN ('pending', 'delivered', 'running');
+CREATE INDEX executions_pending_deadline ON executions(delivery_deadline)
+    WHERE state = 'pending';
+"#];
+
+const EXECUTION_COLUMNS: &str = "id, run_id, machine_id, machine_name, state, exit_code, message, \
+    created_at, delivered_at, started_at, finished_at, delivery_deadline, cancel_requested, \
+    stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped, stdout_tail, stderr_tail";
+
+const RUN_COLUMNS: &str = "id, created_at, targets_kind, targets_value, script, interpreter, \
+    parameters, env, workdir, timeout_ms, delivery_timeout_ms, cancel_requested";
+
+const MACHINE_COLUMNS: &str =
+    "id, name, labels, hostname, os, arch, agent_version, interpreters, enrolled_at, last_seen_at";
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL in WAL mode survives a crash of the process (kill -9) without losing a
+            // committed transaction; only a power loss may lose the last few.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        migrate(&writer).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, readers })
+    }
+
+    async fn counts_for(
+        &self,
+        run_ids: &[String],
+    ) -> Result<BTreeMap<String, (StateCounts, Option<i64>)>> {
+        let mut result: BTreeMap<String, (StateCounts, Option<i64>)> = BTreeMap::new();
+        if run_ids.is_empty() {
+            return Ok(result);
+        }
+        let placeholders = vec!["?"; run_ids.len()].join(",");
+        let sql = format!(
+            "SELECT run_id, state, COUNT(*) AS n, MAX(finished_at) AS last FROM executions \
+             WHERE run_id IN ({placeholders}) GROUP BY run_id, state"
+        );
+        let mut query = sqlx::query(&sql);
+        for id in run_ids {
+            query = query.bind(id);
+        }
+        for row in query.fetch_all(&self.readers).await? {
+            let run_id: String = row.try_get("run_id")?;
+            let state = parse_state(&row.try_get::<String, _>("state")?)?;
+            let n: i64 = row.try_get("n")?;
+            let last: Option<i64> = row.try_get("last")?;
+            let entry = result.entry(run_id).or_default();
+            entry.0.insert(state, n as u64);
+            entry.1 = entry.1.max(last);
+        }
+        Ok(result)
+    }
+
+    async fn runs_with_counts(&self, rows: Vec<SqliteRow>) -> Result<Vec<RunRecord>> {
+        let ids: Vec<String> = rows
+            .iter()
+            .map(|row| row.try_get("id"))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut counts = self.counts_for(&ids).await?;
+        rows.into_iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let (state_counts, last) = counts.remove(&id).unwrap_or_default();
+                run_from_row(&row, state_counts, last)
+            })
+            .collect()
+    }
+
+    async fn executions_where(&self, clause: &str, bind: &str) -> Result<Vec<ExecutionRecord>> {
+        let sql = format!(
+            "SELECT {EXECUTION_COLUMNS} FROM executions WHERE {clause} ORDER BY machine_name, id"
+        );
+        sqlx::query(&sql)
+            .bind(bind)
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(execution_from_row)
+            .collect()
+    }
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<()> {
+    let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(pool)
+        .await?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let mut tx = pool.begin().await?;
+        sqlx::raw_sql(migration).execute(&mut *tx).await?;
+        sqlx::raw_sql(&format!("PRAGMA user_version = {}", index + 1))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn parse_state(text: &str) -> Result<ExecutionState> {
+    ExecutionState::from_str(text).map_err(corrupt)
+}
+
+fn parse_id<T: FromStr>(text: &str) -> Result<T> {
+    text.parse()
+        .map_err(|_| corrupt(format!("bad id `{text}`")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(corrupt)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Maps of strings and lists of strings always serialize.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn machine_from_row(row: &SqliteRow) -> Result<MachineRecord> {
+    Ok(MachineRecord {
+        id: parse_id(&row.try_get::<String, _>("id")?)?,
+        name: row.try_get("name")?,
+        labels: from_json::<Labels>(&row.try_get::<String, _>("labels")?)?,
+        hostname: row.try_get("hostname")?,
+        os: row.try_get("os")?,
+        arch: row.try_get("arch")?,
+        agent_version: row.try_get("agent_version")?,
+        interpreters: from_json(&row.try_get::<String, _>("interpreters")?)?,
+        enrolled_at: row.try_get("enrolled_at")?,
+        last_seen_at: row.try_get("last_seen_at")?,
+    })
+}
+
+fn targets_to_columns(targets: &Targets) -> (&'static str, String) {
+    match targets {
+        Targets::Machines(names) => ("machines", to_json(names)),
+        Targets::Selector(selector) => ("selector", selector.to_string()),
+        Targets::All => ("all", String::new()),
+    }
+}
+
+fn run_from_row(
+    row: &SqliteRow,
+    counts: StateCounts,
+    last_finished: Option<i64>,
+) -> Result<RunRecord> {
+    let kind: String = row.try_get("targets_kind")?;
+    let value: String = row.try_get("targets_value")?;
+    let targets = match kind.as_str() {
+        "machines" => Targets::Machines(from_json(&value)?),
+        "selector" => Targets::Selector(Selector::parse(&value).map_err(corrupt)?),
+        "all" => Targets::All,
+        other => return Err(corrupt(format!("unknown targets kind `{other}`"))),
+    };
+    let interpreter: Option<String> = row.try_get("interpreter")?;
+    let interpreter: Option<Interpreter> = interpreter
+        .map(|name| validate_interpreter(&name).map_err(corrupt))
+        .transpose()?;
+    let total = counts.values().sum();
+    let all_done = counts.iter().all(|(state, _)| state.is_terminal());
+    Ok(RunRecord {
+        id: parse_id(&row.try_get::<String, _>("id")?)?,
+        created_at: row.try_get("created_at")?,
+        targets,
+        spec: RunSpec {
+            script: row.try_get("script")?,
+            interpreter,
+            parameters: from_json(&row.try_get::<String, _>("parameters")?)?,
+            env: from_json(&row.try_get::<String, _>("env")?)?,
+            workdir: row.try_get("workdir")?,
+            timeout: Duration::from_millis(row.try_get::<i64, _>("timeout_ms")? as u64),
+            delivery_timeout: Duration::from_millis(
+                row.try_get::<i64, _>("delivery_timeout_ms")? as u64
+            ),
+        },
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        counts,
+        total,
+        finished_at: if all_done { last_finished } else { None },
+    })
+}
+
+fn execution_from_row(row: &SqliteRow) -> Result<ExecutionRecord> {
+    Ok(ExecutionRecord {
+        id: parse_id(&row.try_get::<String, _>("id")?)?,
+        run_id: parse_id(&row.try_get::<String, _>("run_id")?)?,
+        machine_id: parse_id(&row.try_get::<String, _>("machine_id")?)?,
+        machine_name: row.try_get("machine_name")?,
+        state: parse_state(&row.try_get::<String, _>("state")?)?,
+        exit_code: row.try_get("exit_code")?,
+        message: row.try_get("message")?,
+        created_at: row.try_get("created_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        delivery_deadline: row.try_get("delivery_deadline")?,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        stdout_bytes: row.try_get::<i64, _>("stdout_bytes")? as u64,
+        stderr_bytes: row.try_get::<i64, _>("stderr_bytes")? as u64,
+        stdout_dropped: row.try_get::<i64, _>("stdout_dropped")? as u64,
+        stderr_dropped: row.try_get::<i64, _>("stderr_dropped")? as u64,
+        stdout_tail: row.try_get("stdout_tail")?,
+        stderr_tail: row.try_get("stderr_tail")?,
+    })
+}
+
+/// The SQL list of states an execution may be in to move to `next`.
+fn predecessors(next: ExecutionState) -> String {
+    ExecutionState::ALL
+        .into_iter()
+        .filter(|state| state.can_become(next))
+        .map(|state| format!("'{}'", state.as_str()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn fetch_execution(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: &str,
+) -> Result<Option<ExecutionRecord>> {
+    let sql = format!("SELECT {EXECUTION_COLUMNS} FROM executions WHERE id = ?");
+    sqlx::query(&sql)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .as_ref()
+        .map(execution_from_row)
+        .transpose()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_token(
+        &self,
+        hash: &str,
+        kind: TokenKind,
+        machine_id: Option<MachineId>,
+        now: UnixMillis,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO tokens (hash, kind, machine_id, created_at) VALUES (?, ?, ?, ?)")
+            .bind(hash)
+            .bind(kind.as_str())
+            .bind(machine_id.map(|id| id.to_string()))
+            .bind(now)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        let Some(row) = sqlx::query("SELECT kind, machine_id FROM tokens WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.readers)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let kind: String = row.try_get("kind")?;
+        let machine_id: Option<String> = row.try_get("machine_id")?;
+        Ok(Some(TokenRecord {
+            kind: TokenKind::parse(&kind).ok_or_else(|| corrupt(format!("token kind `{kind}`")))?,
+            machine_id: machine_id.as_deref().map(parse_id).transpose()?,
+        }))
+    }
+
+    async fn enroll_machine(&self, machine: &NewMachine, token_hash: &str) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let taken = sqlx::query("SELECT 1 FROM machines WHERE name = ?")
+            .bind(&machine.name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        if taken {
+            return Err(StoreError::NameTaken(machine.name.clone()));
+        }
+        sqlx::query(
+            "INSERT INTO machines (id, name, labels, hostname, os, arch, enrolled_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(machine.id.to_string())
+        .bind(&machine.name)
+        .bind(to_json(&machine.labels))
+        .bind(&machine.hostname)
+        .bind(&machine.os)
+        .bind(&machine.arch)
+        .bind(machine.enrolled_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO tokens (hash, kind, machine_id, created_at) VALUES (?, 'machine', ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(machine.id.to_string())
+        .bind(machine.enrolled_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn update_machine_facts(&self, machine: &MachineRecord) -> Result<()> {
+        sqlx::query(
+            "UPDATE machines SET labels = ?, hostname = ?, os = ?, arch = ?, agent_version = ?, \
+             interpreters = ?, last_seen_at = ? WHERE id = ?",
+        )
+        .bind(to_json(&machine.labels))
+        .bind(&machine.hostname)
+        .bind(&machine.os)
+        .bind(&machine.arch)
+        .bind(&machine.agent_version)
+        .bind(to_json(&machine.interpreters))
+        .bind(machine.last_seen_at)
+        .bind(machine.id.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_last_seen(&self, id: MachineId, at: UnixMillis) -> Result<()> {
+        sqlx::query("UPDATE machines SET last_seen_at = ? WHERE id = ?")
+            .bind(at)
+            .bind(id.to_string())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_machines(&self) -> Result<Vec<MachineRecord>> {
+        let sql = format!("SELECT {MACHINE_COLUMNS} FROM machines ORDER BY name");
+        sqlx::query(&sql)
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(machine_from_row)
+            .collect()
+    }
+
+    async fn get_machine(&self, id: MachineId) -> Result<Option<MachineRecord>> {
+        let sql = format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE id = ?");
+        sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.readers)
+            .await?
+            .as_ref()
+            .map(machine_from_row)
+            .transpose()
+    }
+
+    async fn find_machine_by_name(&self, name: &str) -> Result<Option<MachineRecord>> {
+        let sql = format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE name = ?");
+        sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&self.readers)
+            .await?
+            .as_ref()
+            .map(machine_from_row)
+            .transpose()
+    }
+
+    async fn delete_machine(&self, id: MachineId, now: UnixMillis) -> Result<Vec<ExecutionRecord>> {
+        let id = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let sql = format!(
+            "UPDATE executions SET state = 'failed', finished_at = ?, \
+             message = 'the machine was deleted before the execution ended' \
+             WHERE machine_id = ? AND state IN ('pending', 'delivered', 'running') \
+             RETURNING {EXECUTION_COLUMNS}"
+        );
+        let ended = sqlx::query(&sql)
+            .bind(now)
+            .bind(&id)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(execution_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        sqlx::query("DELETE FROM tokens WHERE machine_id = ?")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM machines WHERE id = ?")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    async fn create_run(&self, run: &NewRun, executions: &[NewExecution]) -> Result<()> {
+        let run_id = run.id.to_string();
+        let (targets_kind, targets_value) = targets_to_columns(&run.targets);
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(&format!(
+            "INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+        ))
+        .bind(&run_id)
+        .bind(run.created_at)
+        .bind(targets_kind)
+        .bind(targets_value)
+        .bind(&run.spec.script)
+        .bind(
+            run.spec
+                .interpreter
+                .as_ref()
+                .map(|i| i.as_str().to_string()),
+        )
+        .bind(to_json(&run.spec.parameters))
+        .bind(to_json(&run.spec.env))
+        .bind(&run.spec.workdir)
+        .bind(run.spec.timeout.as_millis() as i64)
+        .bind(run.spec.delivery_timeout.as_millis() as i64)
+        .execute(&mut *tx)
+        .await?;
+        // Many rows per statement: a fan-out to thousands of machines is a few statements.
+        for chunk in executions.chunks(100) {
+            let values = vec!["(?, ?, ?, ?, 'pending', ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "INSERT INTO executions (id, run_id, machine_id, machine_name, state, created_at, \
+                 delivery_deadline) VALUES {values}"
+            );
+            let mut query = sqlx::query(&sql);
+            for execution in chunk {
+                query = query
+                    .bind(execution.id.to_string())
+                    .bind(&run_id)
+                    .bind(execution.machine_id.to_string())
+                    .bind(&execution.machine_name)
+                    .bind(run.created_at)
+                    .bind(execution.delivery_deadline);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?");
+        let rows = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_all(&self.readers)
+            .await?;
+        Ok(self.runs_with_counts(rows).await?.into_iter().next())
+    }
+
+    async fn list_runs(&self, before: Option<RunId>, limit: u32) -> Result<Vec<RunRecord>> {
+        // UUIDv7 ids sort by creation time, so the id is the cursor.
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id < ? ORDER BY id DESC LIMIT ?");
+        let before = before
+            .map(|id| id.to_string())
+            .unwrap_or_else(|| "~".to_string());
+        let rows = sqlx::query(&sql)
+            .bind(before)
+            .bind(limit as i64)
+            .fetch_all(&self.readers)
+            .await?;
+        self.runs_with_counts(rows).await
+    }
+
+    async fn run_executions(&self, id: RunId) -> Result<Vec<ExecutionRecord>> {
+        self.executions_where("run_id = ?", &id.to_string()).await
+    }
+
+    async fn get_execution(&self, id: ExecutionId) -> Result<Option<ExecutionRecord>> {
+        Ok(self
+            .executions_where("id = ?", &id.to_string())
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn open_executions(&self, machine: MachineId) -> Result<Vec<ExecutionRecord>> {
+        self.executions_where(
+            "machine_id = ? AND state IN ('pending', 'delivered', 'running')",
+            &machine.to_string(),
+        )
+        .await
+    }
+
+    async fn apply(&self, updates: &[ExecutionUpdate]) -> Result<Vec<ExecutionRecord>> {
+        let mut changed = Vec::new();
+        if updates.is_empty() {
+            return Ok(changed);
+        }
+        let mut tx = self.writer.begin().await?;
+        for update in updates {
+            let id = update.id().to_string();
+            let next = update.target_state();
+            let allowed = predecessors(next);
+            let result = match update {
+                ExecutionUpdate::Delivered { at, .. } => {
+                    sqlx::query(&format!(
+                        "UPDATE executions SET state = 'delivered', delivered_at = ? \
+                         WHERE id = ? AND state IN ({allowed})"
+                    ))
+                    .bind(at)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?
+                }
+                ExecutionUpdate::Started { at, .. } => {
+                    sqlx::query(&format!(
+                        "UPDATE executions SET state = 'running', started_at = ?, \
+                         delivered_at = COALESCE(delivered_at, ?) WHERE id = ? AND state IN ({allowed})"
+                    ))
+                    .bind(at)
+                    .bind(at)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?
+                }
+                ExecutionUpdate::Finished(finish) => {
+                    if !finish.state.is_terminal() {
+                        return Err(corrupt(format!("finish of {id} with state {}", finish.state)));
+                    }
+                    sqlx::query(&format!(
+                        "UPDATE executions SET state = ?, exit_code = ?, message = ?, \
+                         started_at = COALESCE(started_at, ?), finished_at = ?, \
+                         stdout_bytes = ?, stderr_bytes = ?, stdout_dropped = ?, stderr_dropped = ?, \
+                         stdout_tail = ?, stderr_tail = ? WHERE id = ? AND state IN ({allowed})"
+                    ))
+                    .bind(finish.state.as_str())
+                    .bind(finish.exit_code)
+                    .bind(&finish.message)
+                    .bind(finish.started_at)
+                    .bind(finish.finished_at)
+                    .bind(finish.stdout_bytes as i64)
+                    .bind(finish.stderr_bytes as i64)
+                    .bind(finish.stdout_dropped as i64)
+                    .bind(finish.stderr_dropped as i64)
+                    .bind(&finish.stdout_tail)
+                    .bind(&finish.stderr_tail)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?
+                }
+            };
+            if result.rows_affected() > 0
+                && let Some(record) = fetch_execution(&mut tx, &id).await?
+            {
+                changed.push(record);
+            }
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn cancel_run(&self, id: RunId, now: UnixMillis) -> Result<CancelOutcome> {
+        let id = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ?")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        let skipped = sqlx::query(&format!(
+            "UPDATE executions SET state = 'skipped', finished_at = ?, \
+             message = 'the run was canceled before this execution was delivered' \
+             WHERE run_id = ? AND state = 'pending' RETURNING {EXECUTION_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(&id)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(execution_from_row)
+        .collect::<Result<Vec<_>>>()?;
+        let to_cancel = sqlx::query(&format!(
+            "UPDATE executions SET cancel_requested = 1 \
+             WHERE run_id = ? AND state IN ('delivered', 'running') RETURNING {EXECUTION_COLUMNS}"
+        ))
+        .bind(&id)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(execution_from_row)
+        .collect::<Result<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(CancelOutcome { skipped, to_cancel })
+    }
+
+    async fn next_delivery_deadline(&self) -> Result<Option<UnixMillis>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(delivery_deadline) FROM executions WHERE state = 'pending'",
+        )
+        .fetch_one(&self.readers)
+        .await?)
+    }
+
+    async fn expire_deliveries(&self, now: UnixMillis) -> Result<Vec<ExecutionRecord>> {
+        sqlx::query(&format!(
+            "UPDATE executions SET state = 'delivery_timed_out', finished_at = ?, \
+             message = 'the machine did not take the execution before its delivery timeout' \
+             WHERE state = 'pending' AND delivery_deadline <= ? RETURNING {EXECUTION_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(now)
+        .fetch_all(&self.writer)
+        .await?
+        .iter()
+        .map(execution_from_row)
+        .collect()
+    }
+}
