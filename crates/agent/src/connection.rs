@@ -19,7 +19,7 @@ use proto::api::{EnrollRequest, EnrollResponse, ErrorBody};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -43,6 +43,8 @@ const OUTBOX_MESSAGES: usize = 32;
 /// WebSocket read and write buffers: small, as the agent sends little and receives less.
 const SOCKET_BUFFER_BYTES: usize = 8 * 1024;
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping agent waits for its Close frame to go out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why talking to the server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -117,12 +119,18 @@ pub(crate) async fn serve(
     backoff.reset();
     loop {
         let connected_at = Instant::now();
-        let ended = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            ended = session(config, &connect_url, &credential, executions, &mut backoff) => ended,
-        };
+        let ended = session(
+            config,
+            &connect_url,
+            &credential,
+            executions,
+            &mut backoff,
+            &mut shutdown,
+        )
+        .await;
         match ended {
-            Ok(()) => tracing::info!("disconnected from the server"),
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::Closed) => tracing::info!("disconnected from the server"),
             Err(Failure::Fatal(error)) => return Err(error),
             Err(Failure::Transient(error)) => {
                 tracing::warn!(error = %format!("{error:#}"), "lost the connection to the server");
@@ -323,6 +331,14 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// How a connection ended without failing.
+enum Ended {
+    /// The server closed it.
+    Closed,
+    /// The agent is stopping; the server was told with a Close frame.
+    Shutdown,
+}
+
 /// One connection, from connect to disconnect.
 async fn session(
     config: &AgentConfig,
@@ -330,7 +346,8 @@ async fn session(
     credential: &Credential,
     executions: &Executions,
     backoff: &mut Backoff,
-) -> Result<(), Failure> {
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<Ended, Failure> {
     let mut request = connect_url
         .into_client_request()
         .with_context(|| format!("building a request for {connect_url}"))
@@ -346,13 +363,13 @@ async fn session(
         .write_buffer_size(SOCKET_BUFFER_BYTES)
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES));
-    let socket = match tokio_tungstenite::connect_async_with_config(
-        request,
-        Some(socket_config),
-        true,
-    )
-    .await
-    {
+    let connecting =
+        tokio_tungstenite::connect_async_with_config(request, Some(socket_config), true);
+    let connected = tokio::select! {
+        () = &mut *shutdown => return Ok(Ended::Shutdown),
+        connected = connecting => connected,
+    };
+    let socket = match connected {
         Ok((socket, _response)) => socket,
         Err(tungstenite::Error::Http(response))
             if response.status() == StatusCode::UNAUTHORIZED =>
@@ -373,7 +390,8 @@ async fn session(
 
     let (sink, mut frames) = socket.split();
     let (outbox, outgoing) = mpsc::channel(OUTBOX_MESSAGES);
-    let mut writer = AbortOnDrop(tokio::spawn(write_frames(sink, outgoing)));
+    let (close, closing) = oneshot::channel();
+    let mut writer = AbortOnDrop(tokio::spawn(write_frames(sink, outgoing, closing)));
     let hello = hello(config, executions);
     let mut conversation = Conversation {
         executions,
@@ -386,6 +404,12 @@ async fn session(
 
     loop {
         let frame = tokio::select! {
+            () = &mut *shutdown => {
+                // Say goodbye properly, but do not let a stuck network hold the agent up.
+                let _ = close.send(());
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut writer.0).await;
+                return Ok(Ended::Shutdown);
+            }
             frame = tokio::time::timeout(IDLE_LIMIT, frames.next()) => frame,
             written = &mut writer.0 => {
                 let error = match written {
@@ -403,7 +427,7 @@ async fn session(
                     IDLE_LIMIT.as_secs()
                 )));
             }
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(Ended::Closed),
             Ok(Some(Err(error))) => {
                 return Err(Failure::Transient(
                     anyhow!(error).context("reading from the server"),
@@ -418,7 +442,7 @@ async fn session(
                 // keeps the conversation going.
                 Err(error) => tracing::warn!(%error, "ignoring a frame from the server"),
             },
-            Message::Close(_) => return Ok(()),
+            Message::Close(_) => return Ok(Ended::Closed),
             // WebSocket pings are answered by tungstenite; text is not part of the protocol.
             Message::Text(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
@@ -428,8 +452,16 @@ async fn session(
 async fn write_frames(
     mut sink: impl Sink<Message, Error = tungstenite::Error> + Unpin,
     mut outgoing: mpsc::Receiver<AgentMessage>,
+    mut closing: oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
-    while let Some(message) = outgoing.recv().await {
+    loop {
+        let message = tokio::select! {
+            _ = &mut closing => break,
+            message = outgoing.recv() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
         sink.send(Message::Binary(proto::agent::encode(&message).into()))
             .await
             .context("writing a frame")?;
