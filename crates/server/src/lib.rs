@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use domain::{Limits, UnixMillis};
 use store::{LocalBlobs, SqliteStore, Store, TokenKind};
 use tokio::net::TcpListener;
@@ -103,7 +104,14 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let deadlines = tokio::spawn(dispatch::expire_deliveries(self.state.clone()));
-        let result = axum::serve(self.listener, app(self.state.clone()))
+        // Small writes (a streamed output chunk, the end of a response, an agent frame) must
+        // leave at once: with Nagle's algorithm each can wait ~40 ms for a delayed ACK.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::warn!(%error, "setting TCP_NODELAY");
+            }
+        });
+        let result = axum::serve(listener, app(self.state.clone()))
             .with_graceful_shutdown(shutdown)
             .await
             .context("serving HTTP");
