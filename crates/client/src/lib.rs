@@ -5,7 +5,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use proto::api::{
-    CreateRun, ErrorBody, ErrorDetail, Execution, Machine, MachineList, Run, RunList,
+    CreateRun, ErrorBody, ErrorDetail, Execution, ExecutionEvent, Machine, MachineList, Run,
+    RunList,
 };
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
@@ -232,4 +233,108 @@ fn encode(segment: &str) -> String {
         }
     }
     out
+}
+
+/// One server-sent event of `GET /v1/runs/{run}/events`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    /// The run and its counts: first, and again whenever the stream had to catch up.
+    Run(Run),
+    Execution(ExecutionEvent),
+    /// The run is over; nothing follows.
+    Done(Run),
+}
+
+impl Client {
+    /// Follows a run's state changes until it is over.
+    pub async fn run_events(
+        &self,
+        id: &str,
+    ) -> Result<impl Stream<Item = Result<RunEvent>> + use<>> {
+        let response = self
+            .send(self.request(Method::GET, &format!("/v1/runs/{}/events", encode(id))))
+            .await?;
+        let url = self.base.clone();
+        let state = (Box::pin(response.bytes_stream()), SseBuffer::default(), url);
+        Ok(futures_util::stream::unfold(
+            state,
+            |(mut body, mut buffer, url)| async move {
+                loop {
+                    if let Some(event) = buffer.next_event() {
+                        return Some((event, (body, buffer, url)));
+                    }
+                    match body.next().await {
+                        Some(Ok(bytes)) => buffer.text.push_str(&String::from_utf8_lossy(&bytes)),
+                        Some(Err(source)) => {
+                            let error = ClientError::Unreachable {
+                                url: url.clone(),
+                                source,
+                            };
+                            return Some((Err(error), (body, buffer, url)));
+                        }
+                        None => return None,
+                    }
+                }
+            },
+        ))
+    }
+}
+
+/// Splits a `text/event-stream` into events.
+#[derive(Default)]
+struct SseBuffer {
+    text: String,
+}
+
+impl SseBuffer {
+    fn next_event(&mut self) -> Option<Result<RunEvent>> {
+        loop {
+            let end = self.text.find("\n\n")?;
+            let block: String = self.text.drain(..end + 2).collect();
+            let mut name = "message";
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event:") {
+                    name = value.trim();
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                }
+            }
+            let parsed = match name {
+                "run" => serde_json::from_str(&data).map(RunEvent::Run),
+                "execution" => serde_json::from_str(&data).map(RunEvent::Execution),
+                "done" => serde_json::from_str(&data).map(RunEvent::Done),
+                // Keep-alive comments and events this client does not know.
+                _ => continue,
+            };
+            return Some(parsed.map_err(|error| ClientError::Unexpected {
+                status: StatusCode::OK,
+                body: format!("event `{name}`: {error}"),
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_server_sent_events() {
+        let mut buffer = SseBuffer {
+            text: ": keep-alive\n\nevent: execution\ndata: {\"id\":\"e\",\"run_id\":\"r\",\"state\":\"running\",\"previous_state\":\"pending\",\"exit_code\":null}\n\nevent: exec".to_string(),
+        };
+        match buffer.next_event() {
+            Some(Ok(RunEvent::Execution(event))) => assert_eq!(event.state, "running"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            buffer.next_event().is_none(),
+            "an incomplete event waits for more text"
+        );
+        assert_eq!(buffer.text, "event: exec");
+    }
 }

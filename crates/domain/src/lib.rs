@@ -4,6 +4,7 @@
 mod ids;
 mod labels;
 mod limits;
+mod rate;
 mod spec;
 mod state;
 mod template;
@@ -12,6 +13,7 @@ mod units;
 pub use ids::{ExecutionId, MachineId, RunId};
 pub use labels::{Labels, Selector, SelectorError, check_labels, parse_labels};
 pub use limits::Limits;
+pub use rate::{RateLimit, RunProgress, RunStep, is_error, next_step};
 pub use spec::{
     Interpreter, RunRequest, RunSpec, Targets, ValidationError, validate_env_name,
     validate_interpreter,

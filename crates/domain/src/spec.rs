@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::labels::{Selector, SelectorError};
 use crate::limits::Limits;
+use crate::rate::RateLimit;
 use crate::template::{TemplateError, render, validate_parameter_name};
 use crate::units::parse_duration;
 
@@ -83,6 +84,10 @@ pub struct RunRequest {
     pub workdir: Option<String>,
     pub timeout: Option<String>,
     pub delivery_timeout: Option<String>,
+    /// `10` or `25%`: most executions in flight at once.
+    pub max_concurrency: Option<String>,
+    /// `0`, `5` or `10%`: failures allowed before the executions not yet sent are skipped.
+    pub max_errors: Option<String>,
 }
 
 /// A validated run: what is stored and what each machine is sent.
@@ -96,6 +101,8 @@ pub struct RunSpec {
     pub workdir: Option<String>,
     pub timeout: Duration,
     pub delivery_timeout: Duration,
+    pub max_concurrency: Option<RateLimit>,
+    pub max_errors: Option<RateLimit>,
 }
 
 impl RunSpec {
@@ -235,6 +242,31 @@ impl RunRequest {
             limits,
         )?;
 
+        let max_concurrency = self
+            .max_concurrency
+            .as_deref()
+            .map(|text| RateLimit::parse(text, 1))
+            .transpose()
+            .map_err(|message| {
+                ValidationError::new(
+                    "InvalidMaxConcurrency",
+                    "max_concurrency",
+                    format!("max_concurrency: {message}"),
+                )
+            })?;
+        let max_errors = self
+            .max_errors
+            .as_deref()
+            .map(|text| RateLimit::parse(text, 0))
+            .transpose()
+            .map_err(|message| {
+                ValidationError::new(
+                    "InvalidMaxErrors",
+                    "max_errors",
+                    format!("max_errors: {message}"),
+                )
+            })?;
+
         Ok((
             targets,
             RunSpec {
@@ -245,6 +277,8 @@ impl RunRequest {
                 workdir: self.workdir,
                 timeout,
                 delivery_timeout,
+                max_concurrency,
+                max_errors,
             },
         ))
     }
@@ -411,6 +445,16 @@ mod tests {
             error_of(malformed),
             ("InvalidSelector", "targets.selector".into())
         );
+
+        let mut concurrency = request("true");
+        concurrency.max_concurrency = Some("0".into());
+        assert_eq!(
+            error_of(concurrency),
+            ("InvalidMaxConcurrency", "max_concurrency".into())
+        );
+        let mut errors = request("true");
+        errors.max_errors = Some("lots".into());
+        assert_eq!(error_of(errors), ("InvalidMaxErrors", "max_errors".into()));
 
         let mut env = request("true");
         env.env.insert("A=B".into(), "x".into());

@@ -1,15 +1,16 @@
 //! The operator's commands: `run`, `runs ...`, `machines ...`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
-use client::Client;
+use client::{Client, RunEvent};
 use futures_util::StreamExt;
-use proto::api::{CreateRun, DurationValue, Execution, Run, TargetsBody};
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::api::{CreateRun, DurationValue, Execution, LimitValue, Run, TargetsBody};
 
 use crate::table::{first_line, short_time, table};
 use crate::{Connection, Format};
@@ -55,6 +56,14 @@ pub(crate) struct RunArgs {
     /// How long to wait for an offline machine to connect [default: 10m].
     #[arg(long)]
     delivery_timeout: Option<String>,
+    /// Most executions in flight at once: a count, or a percentage of the targets (`10%`)
+    /// [default: no limit].
+    #[arg(long)]
+    max_concurrency: Option<String>,
+    /// Failures allowed before the executions not yet sent are skipped: a count, or a
+    /// percentage of the targets [default: no limit].
+    #[arg(long)]
+    max_errors: Option<String>,
     /// Print the run id and return without waiting.
     #[arg(long)]
     no_wait: bool,
@@ -180,6 +189,8 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
         workdir: args.workdir,
         timeout: args.timeout.map(DurationValue::Text),
         delivery_timeout: args.delivery_timeout.map(DurationValue::Text),
+        max_concurrency: args.max_concurrency.map(LimitValue::Text),
+        max_errors: args.max_errors.map(LimitValue::Text),
     };
     let json = args.connection.format == Format::Json;
     let run = client.create_run(&request).await?;
@@ -258,7 +269,12 @@ fn exit_code_of(execution: &Execution) -> ExitCode {
 
 /// Waits for the whole run, then prints each machine's result.
 async fn many_targets(client: &Client, run_id: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let run = client.wait_run(run_id).await?;
+    // Progress only for a person watching: not on a pipe, not with -o json.
+    let run = if !json && std::io::stderr().is_terminal() {
+        wait_with_progress(client, run_id).await?
+    } else {
+        client.wait_run(run_id).await?
+    };
     let ok = run.status == "succeeded";
     if json {
         print_json(&run)?;
@@ -283,6 +299,55 @@ fn describe(execution: &Execution) -> String {
     text
 }
 
+/// Follows the run's events, drawing counts and a bar on stderr, until it is over.
+async fn wait_with_progress(client: &Client, run_id: &str) -> anyhow::Result<Run> {
+    let mut events = Box::pin(client.run_events(run_id).await?);
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} done  {msg}  {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let show = |bar: &ProgressBar, counts: &BTreeMap<String, u64>| {
+        let done: u64 = counts
+            .iter()
+            .filter(|(state, _)| is_terminal(state))
+            .map(|(_, n)| n)
+            .sum();
+        bar.set_position(done);
+        let text: Vec<String> = counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(state, n)| format!("{n} {state}"))
+            .collect();
+        bar.set_message(text.join(", "));
+    };
+    while let Some(event) = events.next().await {
+        match event? {
+            RunEvent::Run(run) => {
+                bar.set_length(run.total);
+                counts = run.counts;
+                show(&bar, &counts);
+            }
+            RunEvent::Execution(change) => {
+                if let Some(n) = counts.get_mut(&change.previous_state) {
+                    *n = n.saturating_sub(1);
+                }
+                *counts.entry(change.state).or_default() += 1;
+                show(&bar, &counts);
+            }
+            RunEvent::Done(_) => break,
+        }
+    }
+    bar.finish_and_clear();
+    // The details (every execution's tail) come from the run itself.
+    Ok(client.run(run_id, None).await?)
+}
+
+fn is_terminal(state: &str) -> bool {
+    !matches!(state, "pending" | "delivered" | "running")
+}
+
 async fn print_results(client: &Client, run: &Run) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     for execution in run.executions.as_deref().unwrap_or_default() {
@@ -292,14 +357,21 @@ async fn print_results(client: &Client, run: &Run) -> anyhow::Result<()> {
             execution.machine_name,
             describe(execution)
         )?;
-        for (stream, size) in [
-            ("stdout", execution.stdout_bytes),
-            ("stderr", execution.stderr_bytes),
+        for (stream, size, tail) in [
+            ("stdout", execution.stdout_bytes, &execution.stdout_tail),
+            ("stderr", execution.stderr_bytes, &execution.stderr_tail),
         ] {
             if size == 0 {
                 continue;
             }
-            let bytes = client.output_bytes(&execution.id, stream).await?;
+            // Short output is all in the tail (exact when it is valid UTF-8, which its length
+            // and the absence of replacement characters show); anything longer is fetched.
+            let whole_in_tail = size as usize == tail.len() && !tail.contains('\u{FFFD}');
+            let bytes = if whole_in_tail {
+                tail.as_bytes().to_vec()
+            } else {
+                client.output_bytes(&execution.id, stream).await?
+            };
             if stream == "stderr" {
                 writeln!(out, "-- stderr")?;
             }
@@ -321,6 +393,9 @@ async fn print_results(client: &Client, run: &Run) -> anyhow::Result<()> {
         run.status,
         counts.join(", ")
     )?;
+    if let Some(reason) = &run.stop_reason {
+        writeln!(out, "stopped early: {reason}")?;
+    }
     Ok(())
 }
 

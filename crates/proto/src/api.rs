@@ -56,6 +56,23 @@ pub enum DurationValue {
     Text(String),
 }
 
+/// A count (`10`) or a percentage of the run's targets (`"25%"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum LimitValue {
+    Count(u64),
+    Text(String),
+}
+
+impl LimitValue {
+    pub fn into_text(self) -> String {
+        match self {
+            LimitValue::Count(count) => count.to_string(),
+            LimitValue::Text(text) => text,
+        }
+    }
+}
+
 impl DurationValue {
     pub fn into_text(self) -> String {
         match self {
@@ -100,9 +117,18 @@ pub struct CreateRun {
     /// Execution timeout. Default one hour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<DurationValue>,
-    /// How long to wait for an offline machine to connect. Default ten minutes.
+    /// How long to wait for an offline machine to connect. Default ten minutes. With
+    /// `max_concurrency`, counted from when an execution is released to its machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery_timeout: Option<DurationValue>,
+    /// Most executions in flight at once across the run: a count or a percentage of the
+    /// targets. Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<LimitValue>,
+    /// Failures allowed before the executions not yet sent are skipped: a count or a
+    /// percentage of the targets. Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_errors: Option<LimitValue>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -126,6 +152,10 @@ pub struct Run {
     pub workdir: Option<String>,
     pub timeout_seconds: f64,
     pub delivery_timeout_seconds: f64,
+    pub max_concurrency: Option<String>,
+    pub max_errors: Option<String>,
+    /// Why rate control stopped sending the rest of the run (max_errors reached).
+    pub stop_reason: Option<String>,
     /// Present on a single run's detail, absent in lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executions: Option<Vec<Execution>>,
@@ -189,4 +219,15 @@ pub struct EnrollResponse {
 pub struct Health {
     pub status: String,
     pub version: String,
+}
+
+/// Server-sent event `execution` of `GET /v1/runs/{run}/events`: one execution changed state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExecutionEvent {
+    pub id: String,
+    pub run_id: String,
+    pub state: String,
+    /// The state before, so that a client can keep counts without a table of its own.
+    pub previous_state: String,
+    pub exit_code: Option<i32>,
 }

@@ -1,12 +1,14 @@
-//! The dispatcher: turns runs into deliveries to connected agents, cancels, and ends
-//! executions whose machine did not take them before their delivery deadline.
+//! The dispatcher: turns released executions into deliveries to connected agents, publishes
+//! what changed, cancels, and ends executions whose machine did not take them before their
+//! delivery deadline.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use domain::{ExecutionId, MachineId, RunId};
+use domain::{ExecutionId, RunId};
 use proto::agent::{Execute, ServerMessage};
-use store::{ExecutionRecord, RunRecord};
+use store::{ExecutionRecord, Outcome, RunRecord};
 
 use crate::events::Event;
 use crate::{AppState, now_millis};
@@ -45,38 +47,59 @@ pub(crate) fn execute_message(
     }))
 }
 
-/// Pushes the new executions of `run` to the agents that are connected now. Agents that are
-/// not get theirs when they connect.
-pub(crate) async fn deliver(
-    state: AppState,
-    run: RunRecord,
-    executions: Vec<(ExecutionId, MachineId)>,
-) {
-    for (execution_id, machine_id) in executions {
-        let Some(link) = state.gateway.link(machine_id) else {
+/// Acts on what a write did: tells waiters, and sends released executions to their agents.
+pub(crate) fn settled(state: &AppState, outcome: Outcome) {
+    for execution in &outcome.changed {
+        state.events.publish(Event::Execution {
+            run_id: execution.run_id,
+            execution_id: execution.id,
+            state: execution.state,
+            exit_code: execution.exit_code,
+        });
+    }
+    for run_id in outcome.finished_runs {
+        state.events.publish(Event::RunDone { run_id });
+    }
+    if !outcome.released.is_empty() {
+        // Delivery waits on agents' queues; it must never hold up the caller (the group
+        // commit writer among them).
+        tokio::spawn(deliver(state.clone(), outcome.released));
+    }
+}
+
+/// Pushes executions to the agents that are connected now. Agents that are not get theirs when
+/// they connect.
+async fn deliver(state: AppState, executions: Vec<ExecutionRecord>) {
+    let mut runs: HashMap<RunId, Option<RunRecord>> = HashMap::new();
+    for execution in executions {
+        let Some(link) = state.gateway.link(execution.machine_id) else {
             continue;
         };
-        if let Some(message) = execute_message(&state, &run, execution_id) {
+        let run = match runs.entry(execution.run_id) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(match state.store.get_run(execution.run_id).await {
+                Ok(run) => run,
+                Err(error) => {
+                    tracing::error!(run = %execution.run_id, %error, "reading a run to deliver it");
+                    None
+                }
+            }),
+        };
+        let Some(run) = run else {
+            continue;
+        };
+        if let Some(message) = execute_message(&state, run, execution.id) {
             // A closed link means the agent just went away; it gets the execution on reconnect.
             let _ = link.send(message).await;
         }
     }
 }
 
-pub(crate) fn publish_changes(state: &AppState, changed: &[ExecutionRecord]) {
-    for execution in changed {
-        state.events.publish(Event::Execution {
-            run_id: execution.run_id,
-            execution_id: execution.id,
-        });
-    }
-}
-
 /// Cancels a run: what was never delivered is skipped now; agents running the rest are told.
 pub(crate) async fn cancel_run(state: &AppState, run_id: RunId) -> Result<(), store::StoreError> {
-    let outcome = state.store.cancel_run(run_id, now_millis()).await?;
-    publish_changes(state, &outcome.skipped);
-    for execution in outcome.to_cancel {
+    let canceled = state.store.cancel_run(run_id, now_millis()).await?;
+    settled(state, canceled.outcome);
+    for execution in canceled.to_cancel {
         if let Some(link) = state.gateway.link(execution.machine_id) {
             let _ = link
                 .send(ServerMessage::Cancel {
@@ -86,6 +109,19 @@ pub(crate) async fn cancel_run(state: &AppState, run_id: RunId) -> Result<(), st
         }
     }
     Ok(())
+}
+
+/// Releases what rate-limited runs may send after a restart.
+pub(crate) async fn resume_held_back(state: &AppState) {
+    let advanced = match state.store.held_back_runs().await {
+        Ok(runs) if runs.is_empty() => return,
+        Ok(runs) => state.store.advance_runs(&runs, now_millis()).await,
+        Err(error) => Err(error),
+    };
+    match advanced {
+        Ok(outcome) => settled(state, outcome),
+        Err(error) => tracing::error!(%error, "advancing rate-limited runs after a restart"),
+    }
 }
 
 /// Ends pending executions at their delivery deadline. It sleeps until the earliest deadline
@@ -104,14 +140,14 @@ pub(crate) async fn expire_deliveries(state: AppState) {
         let now = now_millis();
         match next {
             Some(deadline) if deadline <= now => match state.store.expire_deliveries(now).await {
-                Ok(expired) => {
-                    if !expired.is_empty() {
+                Ok(outcome) => {
+                    if !outcome.changed.is_empty() {
                         tracing::info!(
-                            count = expired.len(),
+                            count = outcome.changed.len(),
                             "executions reached their delivery timeout"
                         );
                     }
-                    publish_changes(&state, &expired);
+                    settled(&state, outcome);
                 }
                 Err(error) => {
                     tracing::error!(%error, "ending executions past their delivery deadline");

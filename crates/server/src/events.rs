@@ -2,7 +2,7 @@
 //! subscribe and re-read the store when something they care about changed. A waiter that
 //! falls behind treats that as "something changed", so no change is ever missed.
 
-use domain::{ExecutionId, RunId};
+use domain::{ExecutionId, ExecutionState, RunId};
 use tokio::sync::broadcast;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,10 +11,18 @@ pub(crate) enum Event {
     Execution {
         run_id: RunId,
         execution_id: ExecutionId,
+        state: ExecutionState,
+        exit_code: Option<i32>,
     },
     /// More output of an execution was stored.
     Output { execution_id: ExecutionId },
+    /// The last execution of a run ended.
+    RunDone { run_id: RunId },
 }
+
+/// Events kept for slow subscribers. A fan-out to 10,000 machines makes about 30,000 in a
+/// burst; a subscriber that falls further behind re-reads the store instead.
+const CAPACITY: usize = 16 * 1024;
 
 pub(crate) struct Events {
     sender: broadcast::Sender<Event>,
@@ -23,7 +31,7 @@ pub(crate) struct Events {
 impl Events {
     pub(crate) fn new() -> Self {
         Self {
-            sender: broadcast::channel(4096).0,
+            sender: broadcast::channel(CAPACITY).0,
         }
     }
 
@@ -43,12 +51,22 @@ impl Subscription {
     /// Waits for an event that `wanted` accepts. Returns early if events were missed.
     pub(crate) async fn wait_for(&mut self, wanted: impl Fn(&Event) -> bool) {
         loop {
-            match self.0.recv().await {
-                Ok(event) if wanted(&event) => return,
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(_)) => return,
-                Err(broadcast::error::RecvError::Closed) => return,
+            match self.next().await {
+                Some(event) if wanted(&event) => return,
+                Some(_) => continue,
+                None => return,
             }
+        }
+    }
+
+    /// The next event, or `None` if some were missed (the subscriber fell behind): then the
+    /// caller must re-read what it follows from the store.
+    pub(crate) async fn next(&mut self) -> Option<Event> {
+        match self.0.recv().await {
+            Ok(event) => Some(event),
+            Err(broadcast::error::RecvError::Lagged(_)) => None,
+            // The sender lives as long as the server; if it is gone, nothing more will come.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
         }
     }
 }

@@ -14,11 +14,11 @@ use futures_util::{SinkExt, StreamExt};
 use proto::agent::{
     self, AgentMessage, Finished, HeldPhase, Hello, Outcome, Resume, ServerMessage, Stream,
 };
-use store::{ExecutionRecord, ExecutionUpdate, Finish};
+use store::{Change, ExecutionRecord, ExecutionUpdate, Finish};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use crate::dispatch::{execute_message, publish_changes};
+use crate::dispatch::execute_message;
 use crate::events::Event;
 use crate::{AppState, now_millis};
 
@@ -112,6 +112,8 @@ enum SessionError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Write(#[from] crate::writer::WriteFailed),
 }
 
 /// Serves one agent connection until it closes.
@@ -271,16 +273,13 @@ impl Conversation {
         for execution in store.open_executions(self.machine_id).await? {
             match held.get(&execution.id) {
                 Some(held) => {
-                    updates.push(match held.phase {
-                        HeldPhase::Queued => ExecutionUpdate::Delivered {
-                            id: execution.id,
-                            at: now,
-                        },
-                        HeldPhase::Running | HeldPhase::Finished => ExecutionUpdate::Started {
-                            id: execution.id,
+                    let change = match held.phase {
+                        HeldPhase::Queued => Change::Delivered { at: now },
+                        HeldPhase::Running | HeldPhase::Finished => Change::Started {
                             at: held.started_at.unwrap_or(now),
                         },
-                    });
+                    };
+                    updates.push(self.update(execution.id, change));
                     let stdout = self.state.blobs.len(execution.id, "stdout").await?;
                     let stderr = self.state.blobs.len(execution.id, "stderr").await?;
                     self.known.insert(
@@ -300,8 +299,7 @@ impl Conversation {
                 None => updates.push(self.lost(&execution, now).await?),
             }
         }
-        let changed = store.apply(&updates).await?;
-        publish_changes(&self.state, &changed);
+        self.state.writer.apply(updates).await?;
         self.send(ServerMessage::Welcome {
             machine_id: self.machine_id.as_uuid(),
             resume,
@@ -347,7 +345,16 @@ impl Conversation {
                 [0, 0],
             )
             .await?;
-        Ok(ExecutionUpdate::Finished(Box::new(finish)))
+        Ok(self.update(execution.id, Change::Finished(Box::new(finish))))
+    }
+
+    /// A change reported by this agent, scoped to its machine.
+    fn update(&self, id: ExecutionId, change: Change) -> ExecutionUpdate {
+        ExecutionUpdate {
+            id,
+            machine: Some(self.machine_id),
+            change,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -363,7 +370,6 @@ impl Conversation {
     ) -> Result<Finish, SessionError> {
         let blobs = &self.state.blobs;
         Ok(Finish {
-            id,
             state,
             exit_code,
             message,
@@ -407,41 +413,34 @@ impl Conversation {
             AgentMessage::Pong { .. } => {}
             AgentMessage::Accepted { execution_id } => {
                 let id = ExecutionId::from(execution_id);
-                if self.known(id).await?.is_none() {
-                    return Ok(());
-                }
-                let changed = self
-                    .state
-                    .store
-                    .apply(&[ExecutionUpdate::Delivered {
-                        id,
-                        at: now_millis(),
-                    }])
-                    .await?;
+                let delivered = self.update(id, Change::Delivered { at: now_millis() });
+                let changed = self.state.writer.apply(vec![delivered]).await?;
                 if changed.is_empty() {
-                    // Either a repeat, or the execution ended (delivery timeout, canceled run)
-                    // while the Execute was on its way: then the agent must not run it.
+                    // A repeat, another machine's execution, or one that ended (delivery
+                    // timeout, canceled run) while the Execute was on its way: then the agent
+                    // must not run it.
                     if let Some(execution) = self.state.store.get_execution(id).await?
+                        && execution.machine_id == self.machine_id
                         && execution.state.is_terminal()
                     {
                         self.send(ServerMessage::Cancel { execution_id }).await;
                     }
+                } else {
+                    // The scoped update proved the execution is this machine's, and a freshly
+                    // delivered execution has no output yet.
+                    self.known.entry(id).or_insert(Known { received: [0, 0] });
                 }
-                publish_changes(&self.state, &changed);
             }
             AgentMessage::Started {
                 execution_id, at, ..
             } => {
                 let id = ExecutionId::from(execution_id);
-                if self.known(id).await?.is_none() {
-                    return Ok(());
-                }
-                let changed = self
-                    .state
-                    .store
-                    .apply(&[ExecutionUpdate::Started { id, at }])
+                // Not awaited: the writer applies requests in order, so the Finished that
+                // follows cannot overtake it.
+                self.state
+                    .writer
+                    .submit(vec![self.update(id, Change::Started { at })])
                     .await?;
-                publish_changes(&self.state, &changed);
             }
             AgentMessage::Output {
                 execution_id,
@@ -504,7 +503,7 @@ impl Conversation {
     async fn finished(&mut self, finished: Finished) -> Result<(), SessionError> {
         let execution_id = finished.execution_id;
         let id = ExecutionId::from(execution_id);
-        if self.known(id).await?.is_some() {
+        {
             let state = match finished.outcome {
                 Outcome::Succeeded => ExecutionState::Succeeded,
                 Outcome::Failed => ExecutionState::Failed,
@@ -533,12 +532,9 @@ impl Conversation {
                     dropped,
                 )
                 .await?;
-            let changed = self
-                .state
-                .store
-                .apply(&[ExecutionUpdate::Finished(Box::new(finish))])
-                .await?;
-            publish_changes(&self.state, &changed);
+            // Scoped to this machine: another machine's execution is left alone.
+            let update = self.update(id, Change::Finished(Box::new(finish)));
+            self.state.writer.apply(vec![update]).await?;
             self.known.remove(&id);
         }
         // Acknowledge even what was not ours or already over, so the agent can let it go.

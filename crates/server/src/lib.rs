@@ -8,6 +8,7 @@ mod dispatch;
 mod error;
 mod events;
 mod gateway;
+mod writer;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ pub struct Shared {
     limits: Limits,
     gateway: gateway::Gateway,
     events: events::Events,
+    writer: writer::Writer,
     /// Woken when a new delivery deadline may be earlier than the one being waited for.
     deadlines_changed: Notify,
 }
@@ -45,15 +47,21 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
+    /// Shared state, and the group-commit writer task behind it. Must be called within a
+    /// tokio runtime.
     pub fn new(store: Arc<dyn Store>, blobs: LocalBlobs, limits: Limits) -> Self {
-        Self(Arc::new(Shared {
+        let (writer, receiver) = writer::Writer::new();
+        let state = Self(Arc::new(Shared {
             store,
             blobs,
             limits,
             gateway: gateway::Gateway::default(),
             events: events::Events::new(),
+            writer,
             deadlines_changed: Notify::new(),
-        }))
+        }));
+        writer::Writer::start(&state, receiver);
+        state
     }
 }
 
@@ -103,6 +111,7 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        dispatch::resume_held_back(&self.state).await;
         let deadlines = tokio::spawn(dispatch::expire_deliveries(self.state.clone()));
         // Small writes (a streamed output chunk, the end of a response, an agent frame) must
         // leave at once: with Nagle's algorithm each can wait ~40 ms for a delayed ACK.

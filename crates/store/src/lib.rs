@@ -7,8 +7,8 @@ mod sqlite;
 
 pub use blobs::LocalBlobs;
 pub use records::{
-    CancelOutcome, ExecutionRecord, ExecutionUpdate, Finish, MachineRecord, NewExecution,
-    NewMachine, NewRun, RunRecord, TokenKind, TokenRecord,
+    CancelOutcome, Change, ExecutionRecord, ExecutionUpdate, Finish, MachineRecord, NewExecution,
+    NewMachine, NewRun, Outcome, RunRecord, TokenKind, TokenRecord,
 };
 pub use sqlite::SqliteStore;
 
@@ -50,30 +50,35 @@ pub trait Store: Send + Sync + 'static {
     async fn list_machines(&self) -> Result<Vec<MachineRecord>>;
     async fn get_machine(&self, id: MachineId) -> Result<Option<MachineRecord>>;
     async fn find_machine_by_name(&self, name: &str) -> Result<Option<MachineRecord>>;
-    /// Deletes a machine and its tokens; its unfinished executions end as failed. Returns the
-    /// executions so ended.
-    async fn delete_machine(&self, id: MachineId, now: UnixMillis) -> Result<Vec<ExecutionRecord>>;
+    /// Deletes a machine and its tokens; its unfinished executions end as failed.
+    async fn delete_machine(&self, id: MachineId, now: UnixMillis) -> Result<Outcome>;
 
-    /// Creates a run and all its executions, in one transaction.
-    async fn create_run(&self, run: &NewRun, executions: &[NewExecution]) -> Result<()>;
+    /// Creates a run and all its executions, in one transaction. `released` in the outcome
+    /// are the executions to send now.
+    async fn create_run(&self, run: &NewRun, executions: &[NewExecution]) -> Result<Outcome>;
     async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>>;
     /// Newest first, older than `before` when given.
     async fn list_runs(&self, before: Option<RunId>, limit: u32) -> Result<Vec<RunRecord>>;
     async fn run_executions(&self, id: RunId) -> Result<Vec<ExecutionRecord>>;
     async fn get_execution(&self, id: ExecutionId) -> Result<Option<ExecutionRecord>>;
-    /// The machine's executions that are not terminal yet.
+    /// The machine's executions that are not terminal yet and were released to it.
     async fn open_executions(&self, machine: MachineId) -> Result<Vec<ExecutionRecord>>;
 
-    /// Applies state changes in one transaction. A change that would move an execution
-    /// backwards, or out of a terminal state, is skipped. Returns the executions that changed,
-    /// as they are now.
-    async fn apply(&self, updates: &[ExecutionUpdate]) -> Result<Vec<ExecutionRecord>>;
+    /// Applies state changes in one transaction (group commit: callers batch them). A change
+    /// that would move an execution backwards, out of a terminal state, or that names another
+    /// machine's execution, is skipped. Rate-limited runs are advanced in the same transaction.
+    async fn apply(&self, updates: &[ExecutionUpdate], now: UnixMillis) -> Result<Outcome>;
     /// Marks a run canceled: its pending executions end as skipped; its delivered and running
     /// ones are flagged so the agents can be told.
     async fn cancel_run(&self, id: RunId, now: UnixMillis) -> Result<CancelOutcome>;
     /// The earliest delivery deadline of a pending execution.
     async fn next_delivery_deadline(&self) -> Result<Option<UnixMillis>>;
-    /// Ends every pending execution whose deadline is at or before `now` as
-    /// `delivery_timed_out`, and returns them.
-    async fn expire_deliveries(&self, now: UnixMillis) -> Result<Vec<ExecutionRecord>>;
+    /// Ends every released pending execution whose deadline is at or before `now` as
+    /// `delivery_timed_out`.
+    async fn expire_deliveries(&self, now: UnixMillis) -> Result<Outcome>;
+    /// Runs that still hold back executions, to advance after a restart.
+    async fn held_back_runs(&self) -> Result<Vec<RunId>>;
+    /// Advances rate-limited runs: releases what their windows allow, or skips the rest when
+    /// too many failed.
+    async fn advance_runs(&self, runs: &[RunId], now: UnixMillis) -> Result<Outcome>;
 }

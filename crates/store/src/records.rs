@@ -87,6 +87,8 @@ pub struct RunRecord {
     pub cancel_requested: bool,
     pub counts: StateCounts,
     pub total: u64,
+    /// Why rate control stopped sending the rest, if it did.
+    pub stop_reason: Option<String>,
     /// When the last execution ended, once all have.
     pub finished_at: Option<UnixMillis>,
 }
@@ -112,17 +114,25 @@ pub struct ExecutionRecord {
     pub stderr_dropped: u64,
     pub stdout_tail: Vec<u8>,
     pub stderr_tail: Vec<u8>,
+    /// Rate control holds it back until a slot frees up.
+    pub released: bool,
 }
 
-/// A change to one execution's state.
+/// A change to one execution's state, scoped to a machine when an agent reports it (an agent
+/// can only change its own machine's executions).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecutionUpdate {
+pub struct ExecutionUpdate {
+    pub id: ExecutionId,
+    pub machine: Option<MachineId>,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
     Delivered {
-        id: ExecutionId,
         at: UnixMillis,
     },
     Started {
-        id: ExecutionId,
         at: UnixMillis,
     },
     /// The end: `state` must be terminal.
@@ -131,7 +141,6 @@ pub enum ExecutionUpdate {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finish {
-    pub id: ExecutionId,
     pub state: ExecutionState,
     pub exit_code: Option<i32>,
     pub message: Option<String>,
@@ -145,28 +154,42 @@ pub struct Finish {
     pub stderr_tail: Vec<u8>,
 }
 
-impl ExecutionUpdate {
-    pub fn id(&self) -> ExecutionId {
-        match self {
-            ExecutionUpdate::Delivered { id, .. } | ExecutionUpdate::Started { id, .. } => *id,
-            ExecutionUpdate::Finished(finish) => finish.id,
-        }
-    }
-
+impl Change {
     pub fn target_state(&self) -> ExecutionState {
         match self {
-            ExecutionUpdate::Delivered { .. } => ExecutionState::Delivered,
-            ExecutionUpdate::Started { .. } => ExecutionState::Running,
-            ExecutionUpdate::Finished(finish) => finish.state,
+            Change::Delivered { .. } => ExecutionState::Delivered,
+            Change::Started { .. } => ExecutionState::Running,
+            Change::Finished(finish) => finish.state,
         }
+    }
+}
+
+/// What a write did, beyond itself, for the server to act on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Executions whose state changed, as they are now (including any that rate control
+    /// skipped).
+    pub changed: Vec<ExecutionRecord>,
+    /// Executions that may go to their machines now: every execution of a new run without
+    /// `max_concurrency`, else as many as its window allows.
+    pub released: Vec<ExecutionRecord>,
+    /// Runs whose last execution just ended.
+    pub finished_runs: Vec<RunId>,
+}
+
+impl Outcome {
+    pub(crate) fn absorb(&mut self, other: Outcome) {
+        self.changed.extend(other.changed);
+        self.released.extend(other.released);
+        self.finished_runs.extend(other.finished_runs);
     }
 }
 
 /// What canceling a run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CancelOutcome {
-    /// Pending executions that ended as skipped.
-    pub skipped: Vec<ExecutionRecord>,
+    /// Pending executions that ended as skipped, and the run if that ended it.
+    pub outcome: Outcome,
     /// Delivered or running executions whose agents must be told to cancel.
     pub to_cancel: Vec<ExecutionRecord>,
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use domain::{
-    ExecutionId, ExecutionState, Interpreter, Labels, MachineId, RunId, RunSpec, Selector,
-    StateCounts, Targets, UnixMillis, validate_interpreter,
+    ExecutionId, ExecutionState, Interpreter, Labels, MachineId, RateLimit, RunId, RunProgress,
+    RunSpec, RunStep, Selector, StateCounts, Targets, UnixMillis, is_error, next_step,
+    validate_interpreter,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -55,7 +56,10 @@ CREATE TABLE runs (
     workdir TEXT,
     timeout_ms INTEGER NOT NULL,
     delivery_timeout_ms INTEGER NOT NULL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    max_concurrency TEXT,
+    max_errors TEXT,
+    stop_reason TEXT
 );
 CREATE TABLE executions (
     id TEXT PRIMARY KEY,
@@ -76,9 +80,12 @@ CREATE TABLE executions (
     stdout_dropped INTEGER NOT NULL DEFAULT 0,
     stderr_dropped INTEGER NOT NULL DEFAULT 0,
     stdout_tail BLOB NOT NULL DEFAULT x'',
-    stderr_tail BLOB NOT NULL DEFAULT x''
+    stderr_tail BLOB NOT NULL DEFAULT x'',
+    released INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX executions_run ON executions(run_id);
+CREATE INDEX executions_run_open ON executions(run_id)
+    WHERE state IN ('pending', 'delivered', 'running');
 CREATE INDEX executions_machine_open ON executions(machine_id)
     WHERE state IN ('pending', 'delivered', 'running');
 CREATE INDEX executions_pending_deadline ON executions(delivery_deadline)
@@ -87,10 +94,11 @@ CREATE INDEX executions_pending_deadline ON executions(delivery_deadline)
 
 const EXECUTION_COLUMNS: &str = "id, run_id, machine_id, machine_name, state, exit_code, message, \
     created_at, delivered_at, started_at, finished_at, delivery_deadline, cancel_requested, \
-    stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped, stdout_tail, stderr_tail";
+    stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped, stdout_tail, stderr_tail, released";
 
 const RUN_COLUMNS: &str = "id, created_at, targets_kind, targets_value, script, interpreter, \
-    parameters, env, workdir, timeout_ms, delivery_timeout_ms, cancel_requested";
+    parameters, env, workdir, timeout_ms, delivery_timeout_ms, cancel_requested, \
+    max_concurrency, max_errors, stop_reason";
 
 const MACHINE_COLUMNS: &str =
     "id, name, labels, hostname, os, arch, agent_version, interpreters, enrolled_at, last_seen_at";
@@ -259,6 +267,11 @@ fn run_from_row(
     let interpreter: Option<Interpreter> = interpreter
         .map(|name| validate_interpreter(&name).map_err(corrupt))
         .transpose()?;
+    let limit = |column: &str| -> Result<Option<RateLimit>> {
+        let text: Option<String> = row.try_get(column)?;
+        text.map(|text| RateLimit::parse(&text, 0).map_err(corrupt))
+            .transpose()
+    };
     let total = counts.values().sum();
     let all_done = counts.iter().all(|(state, _)| state.is_terminal());
     Ok(RunRecord {
@@ -275,7 +288,10 @@ fn run_from_row(
             delivery_timeout: Duration::from_millis(
                 row.try_get::<i64, _>("delivery_timeout_ms")? as u64
             ),
+            max_concurrency: limit("max_concurrency")?,
+            max_errors: limit("max_errors")?,
         },
+        stop_reason: row.try_get("stop_reason")?,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
         counts,
         total,
@@ -304,6 +320,7 @@ fn execution_from_row(row: &SqliteRow) -> Result<ExecutionRecord> {
         stderr_dropped: row.try_get::<i64, _>("stderr_dropped")? as u64,
         stdout_tail: row.try_get("stdout_tail")?,
         stderr_tail: row.try_get("stderr_tail")?,
+        released: row.try_get::<i64, _>("released")? != 0,
     })
 }
 
@@ -315,20 +332,6 @@ fn predecessors(next: ExecutionState) -> String {
         .map(|state| format!("'{}'", state.as_str()))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-async fn fetch_execution(
-    tx: &mut Transaction<'_, Sqlite>,
-    id: &str,
-) -> Result<Option<ExecutionRecord>> {
-    let sql = format!("SELECT {EXECUTION_COLUMNS} FROM executions WHERE id = ?");
-    sqlx::query(&sql)
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?
-        .as_ref()
-        .map(execution_from_row)
-        .transpose()
 }
 
 #[async_trait]
@@ -460,7 +463,7 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn delete_machine(&self, id: MachineId, now: UnixMillis) -> Result<Vec<ExecutionRecord>> {
+    async fn delete_machine(&self, id: MachineId, now: UnixMillis) -> Result<Outcome> {
         let id = id.to_string();
         let mut tx = self.writer.begin().await?;
         let sql = format!(
@@ -485,41 +488,43 @@ impl Store for SqliteStore {
             .bind(&id)
             .execute(&mut *tx)
             .await?;
+        let outcome = settle(&mut tx, ended, now).await?;
         tx.commit().await?;
-        Ok(ended)
+        Ok(outcome)
     }
 
-    async fn create_run(&self, run: &NewRun, executions: &[NewExecution]) -> Result<()> {
+    async fn create_run(&self, run: &NewRun, executions: &[NewExecution]) -> Result<Outcome> {
         let run_id = run.id.to_string();
         let (targets_kind, targets_value) = targets_to_columns(&run.targets);
+        // With a concurrency window, executions start held back and are released by `settle`;
+        // their delivery deadline starts when they are released.
+        let held_back = run.spec.max_concurrency.is_some();
         let mut tx = self.writer.begin().await?;
         sqlx::query(&format!(
-            "INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+            "INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, NULL)"
         ))
         .bind(&run_id)
         .bind(run.created_at)
         .bind(targets_kind)
         .bind(targets_value)
         .bind(&run.spec.script)
-        .bind(
-            run.spec
-                .interpreter
-                .as_ref()
-                .map(|i| i.as_str().to_string()),
-        )
+        .bind(run.spec.interpreter.as_ref().map(|i| i.as_str().to_string()))
         .bind(to_json(&run.spec.parameters))
         .bind(to_json(&run.spec.env))
         .bind(&run.spec.workdir)
         .bind(run.spec.timeout.as_millis() as i64)
         .bind(run.spec.delivery_timeout.as_millis() as i64)
+        .bind(run.spec.max_concurrency.map(|limit| limit.to_string()))
+        .bind(run.spec.max_errors.map(|limit| limit.to_string()))
         .execute(&mut *tx)
         .await?;
         // Many rows per statement: a fan-out to thousands of machines is a few statements.
+        let mut released = Vec::new();
         for chunk in executions.chunks(100) {
-            let values = vec!["(?, ?, ?, ?, 'pending', ?, ?)"; chunk.len()].join(", ");
+            let values = vec!["(?, ?, ?, ?, 'pending', ?, ?, ?)"; chunk.len()].join(", ");
             let sql = format!(
                 "INSERT INTO executions (id, run_id, machine_id, machine_name, state, created_at, \
-                 delivery_deadline) VALUES {values}"
+                 delivery_deadline, released) VALUES {values} RETURNING {EXECUTION_COLUMNS}"
             );
             let mut query = sqlx::query(&sql);
             for execution in chunk {
@@ -529,12 +534,29 @@ impl Store for SqliteStore {
                     .bind(execution.machine_id.to_string())
                     .bind(&execution.machine_name)
                     .bind(run.created_at)
-                    .bind(execution.delivery_deadline);
+                    .bind(if held_back {
+                        i64::MAX
+                    } else {
+                        execution.delivery_deadline
+                    })
+                    .bind(!held_back as i64);
             }
-            query.execute(&mut *tx).await?;
+            let rows = query.fetch_all(&mut *tx).await?;
+            if !held_back {
+                for row in &rows {
+                    released.push(execution_from_row(row)?);
+                }
+            }
+        }
+        let mut outcome = Outcome {
+            released,
+            ..Outcome::default()
+        };
+        if held_back {
+            outcome.absorb(advance(&mut tx, &[run.id], run.created_at).await?);
         }
         tx.commit().await?;
-        Ok(())
+        Ok(outcome)
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>> {
@@ -574,81 +596,81 @@ impl Store for SqliteStore {
 
     async fn open_executions(&self, machine: MachineId) -> Result<Vec<ExecutionRecord>> {
         self.executions_where(
-            "machine_id = ? AND state IN ('pending', 'delivered', 'running')",
+            "machine_id = ? AND (state IN ('delivered', 'running') \
+             OR (state = 'pending' AND released = 1))",
             &machine.to_string(),
         )
         .await
     }
 
-    async fn apply(&self, updates: &[ExecutionUpdate]) -> Result<Vec<ExecutionRecord>> {
-        let mut changed = Vec::new();
+    async fn apply(&self, updates: &[ExecutionUpdate], now: UnixMillis) -> Result<Outcome> {
         if updates.is_empty() {
-            return Ok(changed);
+            return Ok(Outcome::default());
         }
         let mut tx = self.writer.begin().await?;
+        let mut changed = Vec::new();
         for update in updates {
-            let id = update.id().to_string();
-            let next = update.target_state();
-            let allowed = predecessors(next);
-            let result = match update {
-                ExecutionUpdate::Delivered { at, .. } => {
-                    sqlx::query(&format!(
-                        "UPDATE executions SET state = 'delivered', delivered_at = ? \
-                         WHERE id = ? AND state IN ({allowed})"
-                    ))
-                    .bind(at)
-                    .bind(&id)
-                    .execute(&mut *tx)
-                    .await?
+            let allowed = predecessors(update.change.target_state());
+            // An agent's report is scoped to its machine: it cannot touch another's executions.
+            let scope = if update.machine.is_some() {
+                "AND machine_id = ?"
+            } else {
+                ""
+            };
+            let set = match &update.change {
+                Change::Delivered { .. } => "state = 'delivered', delivered_at = ?",
+                Change::Started { .. } => {
+                    "state = 'running', started_at = ?, delivered_at = COALESCE(delivered_at, ?)"
                 }
-                ExecutionUpdate::Started { at, .. } => {
-                    sqlx::query(&format!(
-                        "UPDATE executions SET state = 'running', started_at = ?, \
-                         delivered_at = COALESCE(delivered_at, ?) WHERE id = ? AND state IN ({allowed})"
-                    ))
-                    .bind(at)
-                    .bind(at)
-                    .bind(&id)
-                    .execute(&mut *tx)
-                    .await?
-                }
-                ExecutionUpdate::Finished(finish) => {
-                    if !finish.state.is_terminal() {
-                        return Err(corrupt(format!("finish of {id} with state {}", finish.state)));
-                    }
-                    sqlx::query(&format!(
-                        "UPDATE executions SET state = ?, exit_code = ?, message = ?, \
-                         started_at = COALESCE(started_at, ?), finished_at = ?, \
-                         stdout_bytes = ?, stderr_bytes = ?, stdout_dropped = ?, stderr_dropped = ?, \
-                         stdout_tail = ?, stderr_tail = ? WHERE id = ? AND state IN ({allowed})"
-                    ))
-                    .bind(finish.state.as_str())
-                    .bind(finish.exit_code)
-                    .bind(&finish.message)
-                    .bind(finish.started_at)
-                    .bind(finish.finished_at)
-                    .bind(finish.stdout_bytes as i64)
-                    .bind(finish.stderr_bytes as i64)
-                    .bind(finish.stdout_dropped as i64)
-                    .bind(finish.stderr_dropped as i64)
-                    .bind(&finish.stdout_tail)
-                    .bind(&finish.stderr_tail)
-                    .bind(&id)
-                    .execute(&mut *tx)
-                    .await?
+                Change::Finished(_) => {
+                    "state = ?, exit_code = ?, message = ?, started_at = COALESCE(started_at, ?), \
+                     finished_at = ?, stdout_bytes = ?, stderr_bytes = ?, stdout_dropped = ?, \
+                     stderr_dropped = ?, stdout_tail = ?, stderr_tail = ?"
                 }
             };
-            if result.rows_affected() > 0
-                && let Some(record) = fetch_execution(&mut tx, &id).await?
-            {
-                changed.push(record);
+            let sql = format!(
+                "UPDATE executions SET {set} WHERE id = ? {scope} AND state IN ({allowed}) \
+                 RETURNING {EXECUTION_COLUMNS}"
+            );
+            let query = match &update.change {
+                Change::Delivered { at } => sqlx::query(&sql).bind(*at),
+                Change::Started { at } => sqlx::query(&sql).bind(*at).bind(*at),
+                Change::Finished(finish) => {
+                    if !finish.state.is_terminal() {
+                        return Err(corrupt(format!(
+                            "finish of {} with state {}",
+                            update.id, finish.state
+                        )));
+                    }
+                    sqlx::query(&sql)
+                        .bind(finish.state.as_str())
+                        .bind(finish.exit_code)
+                        .bind(finish.message.clone())
+                        .bind(finish.started_at)
+                        .bind(finish.finished_at)
+                        .bind(finish.stdout_bytes as i64)
+                        .bind(finish.stderr_bytes as i64)
+                        .bind(finish.stdout_dropped as i64)
+                        .bind(finish.stderr_dropped as i64)
+                        .bind(finish.stdout_tail.clone())
+                        .bind(finish.stderr_tail.clone())
+                }
+            };
+            let mut query = query.bind(update.id.to_string());
+            if let Some(machine) = update.machine {
+                query = query.bind(machine.to_string());
+            }
+            if let Some(row) = query.fetch_optional(&mut *tx).await? {
+                changed.push(execution_from_row(&row)?);
             }
         }
+        let outcome = settle(&mut tx, changed, now).await?;
         tx.commit().await?;
-        Ok(changed)
+        Ok(outcome)
     }
 
     async fn cancel_run(&self, id: RunId, now: UnixMillis) -> Result<CancelOutcome> {
+        let run_id = id;
         let id = id.to_string();
         let mut tx = self.writer.begin().await?;
         sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ?")
@@ -677,30 +699,193 @@ impl Store for SqliteStore {
         .iter()
         .map(execution_from_row)
         .collect::<Result<Vec<_>>>()?;
+        let mut outcome = Outcome {
+            changed: skipped,
+            ..Outcome::default()
+        };
+        if to_cancel.is_empty() && !outcome.changed.is_empty() && !has_open(&mut tx, run_id).await?
+        {
+            outcome.finished_runs.push(run_id);
+        }
         tx.commit().await?;
-        Ok(CancelOutcome { skipped, to_cancel })
+        Ok(CancelOutcome { outcome, to_cancel })
     }
 
     async fn next_delivery_deadline(&self) -> Result<Option<UnixMillis>> {
         Ok(sqlx::query_scalar(
-            "SELECT MIN(delivery_deadline) FROM executions WHERE state = 'pending'",
+            "SELECT MIN(delivery_deadline) FROM executions WHERE state = 'pending' AND released = 1",
         )
         .fetch_one(&self.readers)
         .await?)
     }
 
-    async fn expire_deliveries(&self, now: UnixMillis) -> Result<Vec<ExecutionRecord>> {
-        sqlx::query(&format!(
+    async fn expire_deliveries(&self, now: UnixMillis) -> Result<Outcome> {
+        let mut tx = self.writer.begin().await?;
+        let expired = sqlx::query(&format!(
             "UPDATE executions SET state = 'delivery_timed_out', finished_at = ?, \
              message = 'the machine did not take the execution before its delivery timeout' \
-             WHERE state = 'pending' AND delivery_deadline <= ? RETURNING {EXECUTION_COLUMNS}"
+             WHERE state = 'pending' AND released = 1 AND delivery_deadline <= ? \
+             RETURNING {EXECUTION_COLUMNS}"
         ))
         .bind(now)
         .bind(now)
-        .fetch_all(&self.writer)
+        .fetch_all(&mut *tx)
         .await?
         .iter()
         .map(execution_from_row)
+        .collect::<Result<Vec<_>>>()?;
+        let outcome = settle(&mut tx, expired, now).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn held_back_runs(&self) -> Result<Vec<RunId>> {
+        sqlx::query_scalar::<_, String>(
+            "SELECT DISTINCT run_id FROM executions WHERE state = 'pending' AND released = 0",
+        )
+        .fetch_all(&self.readers)
+        .await?
+        .iter()
+        .map(|id| parse_id(id))
         .collect()
     }
+
+    async fn advance_runs(&self, runs: &[RunId], now: UnixMillis) -> Result<Outcome> {
+        let mut tx = self.writer.begin().await?;
+        let outcome = advance(&mut tx, runs, now).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+}
+
+/// After executions changed: advances the rate-limited runs that some of them ended in, and
+/// notes the runs that just finished.
+async fn settle(
+    tx: &mut Transaction<'_, Sqlite>,
+    changed: Vec<ExecutionRecord>,
+    now: UnixMillis,
+) -> Result<Outcome> {
+    let mut ended_in: Vec<RunId> = changed
+        .iter()
+        .filter(|execution| execution.state.is_terminal())
+        .map(|execution| execution.run_id)
+        .collect();
+    ended_in.sort();
+    ended_in.dedup();
+    let mut outcome = advance(tx, &ended_in, now).await?;
+    outcome.changed.splice(0..0, changed);
+    for run in ended_in {
+        if !has_open(tx, run).await? {
+            outcome.finished_runs.push(run);
+        }
+    }
+    Ok(outcome)
+}
+
+async fn has_open(tx: &mut Transaction<'_, Sqlite>, run: RunId) -> Result<bool> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "SELECT EXISTS(SELECT 1 FROM executions WHERE run_id = ? \
+         AND state IN ('pending', 'delivered', 'running'))",
+    )
+    .bind(run.to_string())
+    .fetch_one(&mut **tx)
+    .await?
+        != 0)
+}
+
+/// Applies `domain::next_step` to each run that holds executions back.
+async fn advance(
+    tx: &mut Transaction<'_, Sqlite>,
+    runs: &[RunId],
+    now: UnixMillis,
+) -> Result<Outcome> {
+    let mut outcome = Outcome::default();
+    for run in runs {
+        let run_id = run.to_string();
+        let Some(row) = sqlx::query(
+            "SELECT max_concurrency, max_errors, delivery_timeout_ms, stop_reason FROM runs WHERE id = ?",
+        )
+        .bind(&run_id)
+        .fetch_optional(&mut **tx)
+        .await?
+        else {
+            continue;
+        };
+        let limit = |column: &str| -> Result<Option<RateLimit>> {
+            let text: Option<String> = row.try_get(column)?;
+            text.map(|text| RateLimit::parse(&text, 0).map_err(corrupt))
+                .transpose()
+        };
+        let (max_concurrency, max_errors) = (limit("max_concurrency")?, limit("max_errors")?);
+        if max_concurrency.is_none() && max_errors.is_none() {
+            continue;
+        }
+        let delivery_timeout: i64 = row.try_get("delivery_timeout_ms")?;
+        let mut progress = RunProgress {
+            total: 0,
+            in_flight: 0,
+            errors: 0,
+            held_back: 0,
+        };
+        let counts = sqlx::query(
+            "SELECT state, released, COUNT(*) AS n FROM executions WHERE run_id = ? GROUP BY state, released",
+        )
+        .bind(&run_id)
+        .fetch_all(&mut **tx)
+        .await?;
+        for count in &counts {
+            let state = parse_state(&count.try_get::<String, _>("state")?)?;
+            let released = count.try_get::<i64, _>("released")? != 0;
+            let n = count.try_get::<i64, _>("n")? as u64;
+            progress.total += n;
+            if state.is_terminal() {
+                if is_error(state) {
+                    progress.errors += n;
+                }
+            } else if released {
+                progress.in_flight += n;
+            } else {
+                progress.held_back += n;
+            }
+        }
+        match next_step(progress, max_concurrency, max_errors) {
+            RunStep::Release(0) => {}
+            RunStep::Release(count) => {
+                let released = sqlx::query(&format!(
+                    "UPDATE executions SET released = 1, delivery_deadline = ? WHERE id IN \
+                     (SELECT id FROM executions WHERE run_id = ? AND state = 'pending' \
+                     AND released = 0 ORDER BY id LIMIT ?) RETURNING {EXECUTION_COLUMNS}"
+                ))
+                .bind(now.saturating_add(delivery_timeout))
+                .bind(&run_id)
+                .bind(count as i64)
+                .fetch_all(&mut **tx)
+                .await?;
+                for row in &released {
+                    outcome.released.push(execution_from_row(row)?);
+                }
+            }
+            RunStep::Stop(reason) => {
+                sqlx::query("UPDATE runs SET stop_reason = ? WHERE id = ?")
+                    .bind(&reason)
+                    .bind(&run_id)
+                    .execute(&mut **tx)
+                    .await?;
+                let skipped = sqlx::query(&format!(
+                    "UPDATE executions SET state = 'skipped', finished_at = ?, \
+                     message = 'never sent: max_errors was reached' \
+                     WHERE run_id = ? AND state = 'pending' AND released = 0 \
+                     RETURNING {EXECUTION_COLUMNS}"
+                ))
+                .bind(now)
+                .bind(&run_id)
+                .fetch_all(&mut **tx)
+                .await?;
+                for row in &skipped {
+                    outcome.changed.push(execution_from_row(row)?);
+                }
+            }
+        }
+    }
+    Ok(outcome)
 }

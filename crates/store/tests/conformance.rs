@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use domain::{ExecutionId, ExecutionState, Limits, MachineId, RunId, RunRequest, Targets};
 use store::{
-    ExecutionUpdate, Finish, NewExecution, NewMachine, NewRun, SqliteStore, Store, StoreError,
-    TokenKind,
+    Change, ExecutionUpdate, Finish, NewExecution, NewMachine, NewRun, SqliteStore, Store,
+    StoreError, TokenKind,
 };
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -39,7 +39,19 @@ async fn run_on(
     machines: &[MachineId],
     deadline: i64,
 ) -> Result<(RunId, Vec<ExecutionId>), Box<dyn std::error::Error>> {
+    run_limited(store, machines, deadline, None, None).await
+}
+
+async fn run_limited(
+    store: &dyn Store,
+    machines: &[MachineId],
+    deadline: i64,
+    max_concurrency: Option<&str>,
+    max_errors: Option<&str>,
+) -> Result<(RunId, Vec<ExecutionId>), Box<dyn std::error::Error>> {
     let request = RunRequest {
+        max_concurrency: max_concurrency.map(str::to_string),
+        max_errors: max_errors.map(str::to_string),
         all: true,
         script: "echo {{who}}".into(),
         parameters: [("who".to_string(), "world".to_string())].into(),
@@ -66,21 +78,35 @@ async fn run_on(
     Ok((run.id, executions.iter().map(|e| e.id).collect()))
 }
 
-fn finish(id: ExecutionId, state: ExecutionState) -> ExecutionUpdate {
-    ExecutionUpdate::Finished(Box::new(Finish {
+fn update(id: ExecutionId, change: Change) -> ExecutionUpdate {
+    ExecutionUpdate {
         id,
-        state,
-        exit_code: Some(0),
-        message: None,
-        started_at: Some(20),
-        finished_at: 30,
-        stdout_bytes: 6,
-        stderr_bytes: 0,
-        stdout_dropped: 0,
-        stderr_dropped: 0,
-        stdout_tail: b"world\n".to_vec(),
-        stderr_tail: Vec::new(),
-    }))
+        machine: None,
+        change,
+    }
+}
+
+fn delivered(id: ExecutionId, at: i64) -> ExecutionUpdate {
+    update(id, Change::Delivered { at })
+}
+
+fn finish(id: ExecutionId, state: ExecutionState) -> ExecutionUpdate {
+    update(
+        id,
+        Change::Finished(Box::new(Finish {
+            state,
+            exit_code: Some(0),
+            message: None,
+            started_at: Some(20),
+            finished_at: 30,
+            stdout_bytes: 6,
+            stderr_bytes: 0,
+            stdout_dropped: 0,
+            stderr_dropped: 0,
+            stdout_tail: b"world\n".to_vec(),
+            stderr_tail: Vec::new(),
+        })),
+    )
 }
 
 #[tokio::test]
@@ -160,38 +186,40 @@ async fn states_only_move_forward_and_terminal_states_stay() -> TestResult {
     let (run_id, executions) = run_on(&store, &[a], 1000).await?;
     let id = executions[0];
 
-    let changed = store
-        .apply(&[ExecutionUpdate::Delivered { id, at: 15 }])
-        .await?;
+    let changed = store.apply(&[delivered(id, 15)], 0).await?.changed;
     assert_eq!(changed.len(), 1);
     assert_eq!(changed[0].state, ExecutionState::Delivered);
     // A repeat changes nothing.
     assert!(
         store
-            .apply(&[ExecutionUpdate::Delivered { id, at: 16 }])
+            .apply(&[delivered(id, 16)], 0)
             .await?
+            .changed
             .is_empty()
     );
     store
-        .apply(&[ExecutionUpdate::Started { id, at: 20 }])
+        .apply(&[update(id, Change::Started { at: 20 })], 0)
         .await?;
     // Backwards is refused.
     assert!(
         store
-            .apply(&[ExecutionUpdate::Delivered { id, at: 21 }])
+            .apply(&[delivered(id, 21)], 0)
             .await?
+            .changed
             .is_empty()
     );
     let done = store
-        .apply(&[finish(id, ExecutionState::Succeeded)])
-        .await?;
+        .apply(&[finish(id, ExecutionState::Succeeded)], 0)
+        .await?
+        .changed;
     assert_eq!(done[0].state, ExecutionState::Succeeded);
     assert_eq!(done[0].stdout_tail, b"world\n");
     // Terminal never changes.
     assert!(
         store
-            .apply(&[finish(id, ExecutionState::Failed)])
+            .apply(&[finish(id, ExecutionState::Failed)], 0)
             .await?
+            .changed
             .is_empty()
     );
     let execution = store.get_execution(id).await?.ok_or("execution")?;
@@ -216,15 +244,15 @@ async fn cancel_skips_pending_and_flags_delivered() -> TestResult {
     let a = machine(&store, "a").await?;
     let b = machine(&store, "b").await?;
     let (run_id, executions) = run_on(&store, &[a, b], 1000).await?;
-    store
-        .apply(&[ExecutionUpdate::Delivered {
-            id: executions[0],
-            at: 15,
-        }])
-        .await?;
+    store.apply(&[delivered(executions[0], 15)], 0).await?;
     let outcome = store.cancel_run(run_id, 50).await?;
     assert_eq!(
-        outcome.skipped.iter().map(|e| e.id).collect::<Vec<_>>(),
+        outcome
+            .outcome
+            .changed
+            .iter()
+            .map(|e| e.id)
+            .collect::<Vec<_>>(),
         vec![executions[1]]
     );
     assert_eq!(
@@ -245,19 +273,14 @@ async fn deliveries_expire_at_their_deadline_only() -> TestResult {
     let (_, soon) = run_on(&store, &[a], 100).await?;
     let (_, later) = run_on(&store, &[a], 500).await?;
     assert_eq!(store.next_delivery_deadline().await?, Some(100));
-    assert!(store.expire_deliveries(99).await?.is_empty());
-    let expired = store.expire_deliveries(100).await?;
+    assert!(store.expire_deliveries(99).await?.changed.is_empty());
+    let expired = store.expire_deliveries(100).await?.changed;
     assert_eq!(expired.iter().map(|e| e.id).collect::<Vec<_>>(), soon);
     assert_eq!(expired[0].state, ExecutionState::DeliveryTimedOut);
     assert_eq!(store.next_delivery_deadline().await?, Some(500));
-    store
-        .apply(&[ExecutionUpdate::Delivered {
-            id: later[0],
-            at: 200,
-        }])
-        .await?;
+    store.apply(&[delivered(later[0], 200)], 0).await?;
     assert_eq!(store.next_delivery_deadline().await?, None);
-    assert!(store.expire_deliveries(1000).await?.is_empty());
+    assert!(store.expire_deliveries(1000).await?.changed.is_empty());
     Ok(())
 }
 
@@ -266,7 +289,7 @@ async fn deleting_a_machine_fails_its_open_executions() -> TestResult {
     let (_dir, store) = sqlite().await?;
     let a = machine(&store, "a").await?;
     let (run_id, executions) = run_on(&store, &[a], 1000).await?;
-    let ended = store.delete_machine(a, 70).await?;
+    let ended = store.delete_machine(a, 70).await?.changed;
     assert_eq!(ended.iter().map(|e| e.id).collect::<Vec<_>>(), executions);
     assert_eq!(ended[0].state, ExecutionState::Failed);
     // The run and its history stay.
@@ -286,5 +309,134 @@ async fn data_survives_reopening() -> TestResult {
     let store = SqliteStore::open(&path).await?;
     assert!(store.get_run(run_id).await?.is_some());
     assert_eq!(store.list_machines().await?.len(), 1);
+    Ok(())
+}
+
+async fn machines(store: &dyn Store, count: usize) -> Result<Vec<MachineId>, StoreError> {
+    let mut ids = Vec::new();
+    for index in 0..count {
+        ids.push(machine(store, &format!("m{index:03}")).await?);
+    }
+    Ok(ids)
+}
+
+fn ids(records: &[store::ExecutionRecord]) -> Vec<ExecutionId> {
+    records.iter().map(|record| record.id).collect()
+}
+
+#[tokio::test]
+async fn max_concurrency_releases_a_window_at_a_time() -> TestResult {
+    let (_dir, store) = sqlite().await?;
+    let targets = machines(&store, 5).await?;
+    let request = RunRequest {
+        all: true,
+        script: "true".into(),
+        max_concurrency: Some("2".into()),
+        ..RunRequest::default()
+    };
+    let (targets_kind, spec) = request.validate(&Limits::default())?;
+    let run = NewRun {
+        id: RunId::new(),
+        created_at: 10,
+        targets: targets_kind,
+        spec,
+    };
+    let new: Vec<NewExecution> = targets
+        .iter()
+        .map(|machine_id| NewExecution {
+            id: ExecutionId::new(),
+            machine_id: *machine_id,
+            machine_name: "m".into(),
+            delivery_deadline: 0,
+        })
+        .collect();
+    let created = store.create_run(&run, &new).await?;
+    assert_eq!(ids(&created.released), vec![new[0].id, new[1].id]);
+    // The held back are neither open to their machines nor subject to a delivery deadline.
+    assert!(store.open_executions(targets[2]).await?.is_empty());
+    assert_eq!(store.next_delivery_deadline().await?, Some(10 + 600_000));
+    assert_eq!(store.held_back_runs().await?, vec![run.id]);
+
+    // One ends: one more is released, with its deadline counted from now.
+    let outcome = store
+        .apply(&[finish(new[0].id, ExecutionState::Succeeded)], 100)
+        .await?;
+    assert_eq!(ids(&outcome.released), vec![new[2].id]);
+    assert_eq!(outcome.released[0].delivery_deadline, 100 + 600_000);
+    assert!(outcome.finished_runs.is_empty());
+    // A failure frees a slot too.
+    let outcome = store
+        .apply(&[finish(new[1].id, ExecutionState::Failed)], 110)
+        .await?;
+    assert_eq!(ids(&outcome.released), vec![new[3].id]);
+    let outcome = store
+        .apply(
+            &[
+                finish(new[2].id, ExecutionState::Succeeded),
+                finish(new[3].id, ExecutionState::Succeeded),
+            ],
+            120,
+        )
+        .await?;
+    assert_eq!(ids(&outcome.released), vec![new[4].id]);
+    let outcome = store
+        .apply(&[finish(new[4].id, ExecutionState::Succeeded)], 130)
+        .await?;
+    assert!(outcome.released.is_empty());
+    assert_eq!(outcome.finished_runs, vec![run.id]);
+    assert!(store.held_back_runs().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn max_errors_skips_what_was_not_sent() -> TestResult {
+    let (_dir, store) = sqlite().await?;
+    let targets = machines(&store, 6).await?;
+    let (run_id, executions) = run_limited(&store, &targets, 1000, Some("2"), Some("1")).await?;
+    store
+        .apply(&[finish(executions[0], ExecutionState::Failed)], 20)
+        .await?;
+    let outcome = store
+        .apply(&[finish(executions[1], ExecutionState::TimedOut)], 30)
+        .await?;
+    // Two errors, one allowed: the three never released are skipped; the released one runs on.
+    let skipped: Vec<_> = outcome
+        .changed
+        .iter()
+        .filter(|e| e.state == ExecutionState::Skipped)
+        .collect();
+    assert_eq!(skipped.len(), 3);
+    assert!(outcome.released.is_empty());
+    let run = store.get_run(run_id).await?.ok_or("run")?;
+    assert!(
+        run.stop_reason
+            .as_deref()
+            .is_some_and(|reason| reason.contains("max_errors")),
+        "{:?}",
+        run.stop_reason
+    );
+    assert_eq!(run.counts.get(&ExecutionState::Skipped), Some(&3));
+    assert_eq!(run.counts.get(&ExecutionState::Pending), Some(&1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_cannot_change_another_machines_execution() -> TestResult {
+    let (_dir, store) = sqlite().await?;
+    let a = machine(&store, "a").await?;
+    let b = machine(&store, "b").await?;
+    let (_, executions) = run_on(&store, &[a], 1000).await?;
+    let foreign = ExecutionUpdate {
+        id: executions[0],
+        machine: Some(b),
+        change: Change::Delivered { at: 5 },
+    };
+    assert!(store.apply(&[foreign], 5).await?.changed.is_empty());
+    let own = ExecutionUpdate {
+        id: executions[0],
+        machine: Some(a),
+        change: Change::Delivered { at: 6 },
+    };
+    assert_eq!(store.apply(&[own], 6).await?.changed.len(), 1);
     Ok(())
 }

@@ -4,5 +4,6 @@
 mod bad_input;
 mod dev;
 mod harness;
+mod rate;
 mod resilience;
 mod runs;

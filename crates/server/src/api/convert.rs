@@ -71,6 +71,9 @@ pub(crate) fn run(record: RunRecord, executions: Option<Vec<ExecutionRecord>>) -
         workdir: record.spec.workdir,
         timeout_seconds: record.spec.timeout.as_secs_f64(),
         delivery_timeout_seconds: record.spec.delivery_timeout.as_secs_f64(),
+        max_concurrency: record.spec.max_concurrency.map(|limit| limit.to_string()),
+        max_errors: record.spec.max_errors.map(|limit| limit.to_string()),
+        stop_reason: record.stop_reason,
         executions: executions.map(|list| list.into_iter().map(execution).collect()),
     }
 }

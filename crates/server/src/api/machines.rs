@@ -8,7 +8,7 @@ use store::MachineRecord;
 
 use super::convert;
 use crate::auth::Admin;
-use crate::dispatch::publish_changes;
+use crate::dispatch;
 use crate::error::ApiError;
 use crate::{AppState, now_millis};
 
@@ -84,7 +84,7 @@ pub(crate) async fn delete_machine(
         .await?
         .ok_or_else(|| not_found(&machine))?;
     let ended = state.store.delete_machine(record.id, now_millis()).await?;
-    publish_changes(&state, &ended);
+    dispatch::settled(&state, ended);
     state.gateway.disconnect(record.id);
     tracing::info!(machine = %record.id, name = %record.name, "machine deleted");
     Ok(StatusCode::NO_CONTENT)

@@ -4,6 +4,7 @@
 mod agents;
 mod convert;
 mod machines;
+mod run_events;
 mod runs;
 
 use axum::Router;
@@ -50,6 +51,7 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::create_run, runs::list_runs))
         .routes(routes!(runs::get_run))
         .routes(routes!(runs::cancel_run))
+        .routes(routes!(run_events::run_events))
         .routes(routes!(runs::list_executions))
         .routes(routes!(runs::get_execution))
         .routes(routes!(runs::execution_output))

@@ -112,6 +112,8 @@ pub(crate) async fn create_run(
         workdir: body.workdir,
         timeout: body.timeout.map(|value| value.into_text()),
         delivery_timeout: body.delivery_timeout.map(|value| value.into_text()),
+        max_concurrency: body.max_concurrency.map(|value| value.into_text()),
+        max_errors: body.max_errors.map(|value| value.into_text()),
     };
     let (targets, spec) = request.validate(&state.limits)?;
     let machines = resolve_targets(&state, &targets).await?;
@@ -133,16 +135,16 @@ pub(crate) async fn create_run(
             delivery_deadline: deadline,
         })
         .collect();
-    state.store.create_run(&run, &executions).await?;
+    let created = state.store.create_run(&run, &executions).await?;
     state.deadlines_changed.notify_one();
+    // Delivery starts before this request is answered: the machines need not wait for it.
+    dispatch::settled(&state, created);
 
     let record = state
         .store
         .get_run(run.id)
         .await?
         .ok_or_else(|| ApiError::internal("a run vanished right after it was created"))?;
-    let deliveries = executions.iter().map(|e| (e.id, e.machine_id)).collect();
-    tokio::spawn(dispatch::deliver(state.clone(), record.clone(), deliveries));
     let executions = state.store.run_executions(run.id).await?;
     tracing::info!(run = %run.id, executions = executions.len(), "run created");
     Ok((
@@ -240,8 +242,10 @@ pub(crate) async fn get_run(
             let executions = state.store.run_executions(id).await?;
             return Ok(axum::Json(convert::run(record, Some(executions))));
         }
-        let changed = events
-            .wait_for(|event| matches!(event, Event::Execution { run_id, .. } if *run_id == id));
+        // Only the end matters here: waiting on every execution's change would re-read a
+        // large run thousands of times.
+        let changed =
+            events.wait_for(|event| matches!(event, Event::RunDone { run_id } if *run_id == id));
         let _ = tokio::time::timeout_at(deadline, changed).await;
     }
 }
@@ -423,6 +427,7 @@ impl OutputCursor {
                     Event::Output { execution_id } | Event::Execution { execution_id, .. } => {
                         *execution_id == id
                     }
+                    Event::RunDone { .. } => false,
                 })
                 .await;
         }
