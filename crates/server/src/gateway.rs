@@ -184,6 +184,40 @@ pub(crate) async fn session(state: AppState, machine_id: MachineId, socket: WebS
 struct Known {
     /// Bytes received so far, per stream (stdout, stderr).
     received: [u64; 2],
+    /// What is stored, when this connection saw all of it (from byte 0): then the end of an
+    /// execution needs no file reads.
+    stored: Option<StoredOutput>,
+}
+
+impl Known {
+    fn fresh() -> Self {
+        Known {
+            received: [0, 0],
+            stored: Some(StoredOutput::default()),
+        }
+    }
+
+    fn resumed(received: [u64; 2]) -> Self {
+        let stored = (received == [0, 0]).then(StoredOutput::default);
+        Known { received, stored }
+    }
+}
+
+/// The length and the last `Limits::TAIL_BYTES` of each stream of an execution, as stored.
+#[derive(Default, Clone)]
+struct StoredOutput {
+    len: [u64; 2],
+    tail: [Vec<u8>; 2],
+}
+
+impl StoredOutput {
+    fn append(&mut self, index: usize, data: &[u8]) {
+        self.len[index] += data.len() as u64;
+        let tail = &mut self.tail[index];
+        tail.extend_from_slice(&data[data.len().saturating_sub(Limits::TAIL_BYTES)..]);
+        let excess = tail.len().saturating_sub(Limits::TAIL_BYTES);
+        tail.drain(..excess);
+    }
 }
 
 struct Conversation {
@@ -282,12 +316,8 @@ impl Conversation {
                     updates.push(self.update(execution.id, change));
                     let stdout = self.state.blobs.len(execution.id, "stdout").await?;
                     let stderr = self.state.blobs.len(execution.id, "stderr").await?;
-                    self.known.insert(
-                        execution.id,
-                        Known {
-                            received: [stdout, stderr],
-                        },
-                    );
+                    self.known
+                        .insert(execution.id, Known::resumed([stdout, stderr]));
                     resume.push(Resume {
                         execution_id: execution.id.as_uuid(),
                         stdout_offset: stdout,
@@ -330,21 +360,20 @@ impl Conversation {
         execution: &ExecutionRecord,
         now: i64,
     ) -> Result<ExecutionUpdate, SessionError> {
-        let finish = self
-            .finish_record(
-                execution.id,
-                ExecutionState::Interrupted,
-                None,
-                Some(
-                    "the agent no longer holds this execution (its state directory may have been \
+        let stored = self.stored_output(execution.id).await?;
+        let finish = self.finish_record(
+            ExecutionState::Interrupted,
+            None,
+            Some(
+                "the agent no longer holds this execution (its state directory may have been \
                      lost); the outcome is unknown"
-                        .to_string(),
-                ),
-                execution.started_at,
-                now,
-                [0, 0],
-            )
-            .await?;
+                    .to_string(),
+            ),
+            execution.started_at,
+            now,
+            [0, 0],
+            stored,
+        );
         Ok(self.update(execution.id, Change::Finished(Box::new(finish))))
     }
 
@@ -358,29 +387,51 @@ impl Conversation {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn finish_record(
+    fn finish_record(
         &self,
-        id: ExecutionId,
         state: ExecutionState,
         exit_code: Option<i32>,
         message: Option<String>,
         started_at: Option<i64>,
         finished_at: i64,
         dropped: [u64; 2],
-    ) -> Result<Finish, SessionError> {
-        let blobs = &self.state.blobs;
-        Ok(Finish {
+        stored: StoredOutput,
+    ) -> Finish {
+        let StoredOutput {
+            len,
+            tail: [stdout_tail, stderr_tail],
+        } = stored;
+        Finish {
             state,
             exit_code,
             message,
             started_at,
             finished_at,
-            stdout_bytes: blobs.len(id, "stdout").await?,
-            stderr_bytes: blobs.len(id, "stderr").await?,
+            stdout_bytes: len[0],
+            stderr_bytes: len[1],
             stdout_dropped: dropped[0],
             stderr_dropped: dropped[1],
-            stdout_tail: blobs.tail(id, "stdout", Limits::TAIL_BYTES).await?,
-            stderr_tail: blobs.tail(id, "stderr", Limits::TAIL_BYTES).await?,
+            stdout_tail,
+            stderr_tail,
+        }
+    }
+
+    /// What is stored of an execution's output: from memory when this connection saw it all,
+    /// else from the blob files.
+    async fn stored_output(&self, id: ExecutionId) -> Result<StoredOutput, SessionError> {
+        if let Some(stored) = self.known.get(&id).and_then(|known| known.stored.clone()) {
+            return Ok(stored);
+        }
+        let blobs = &self.state.blobs;
+        Ok(StoredOutput {
+            len: [
+                blobs.len(id, "stdout").await?,
+                blobs.len(id, "stderr").await?,
+            ],
+            tail: [
+                blobs.tail(id, "stdout", Limits::TAIL_BYTES).await?,
+                blobs.tail(id, "stderr", Limits::TAIL_BYTES).await?,
+            ],
         })
     }
 
@@ -397,12 +448,7 @@ impl Conversation {
             }
             let stdout = self.state.blobs.len(id, "stdout").await?;
             let stderr = self.state.blobs.len(id, "stderr").await?;
-            self.known.insert(
-                id,
-                Known {
-                    received: [stdout, stderr],
-                },
-            );
+            self.known.insert(id, Known::resumed([stdout, stderr]));
         }
         Ok(self.known.get_mut(&id))
     }
@@ -428,7 +474,7 @@ impl Conversation {
                 } else {
                     // The scoped update proved the execution is this machine's, and a freshly
                     // delivered execution has no output yet.
-                    self.known.entry(id).or_insert(Known { received: [0, 0] });
+                    self.known.entry(id).or_insert_with(Known::fresh);
                 }
             }
             AgentMessage::Started {
@@ -465,6 +511,7 @@ impl Conversation {
     ) -> Result<(), SessionError> {
         let cap = self.state.limits.output_cap_bytes;
         let machine_id = self.machine_id;
+        let state = self.state.clone();
         let Some(known) = self.known(id).await? else {
             return Ok(());
         };
@@ -490,10 +537,11 @@ impl Conversation {
         let room = cap.saturating_sub(received) as usize;
         let kept = &fresh[..fresh.len().min(room)];
         if !kept.is_empty() {
-            self.state.blobs.append(id, stream.as_str(), kept).await?;
-            self.state
-                .events
-                .publish(Event::Output { execution_id: id });
+            state.blobs.append(id, stream.as_str(), kept).await?;
+            if let Some(stored) = &mut known.stored {
+                stored.append(index, kept);
+            }
+            state.events.publish(Event::Output { execution_id: id });
         } else {
             tracing::debug!(machine = %machine_id, execution = %id, "output past the cap dropped");
         }
@@ -511,27 +559,23 @@ impl Conversation {
                 Outcome::Canceled => ExecutionState::Canceled,
                 Outcome::Interrupted => ExecutionState::Interrupted,
             };
-            let stored = [
-                self.state.blobs.len(id, "stdout").await?,
-                self.state.blobs.len(id, "stderr").await?,
-            ];
+            let output = self.stored_output(id).await?;
+            let stored = output.len;
             // Whatever the agent kept but the server does not have counts as dropped: the
             // record says exactly what is stored.
             let dropped = [
                 finished.stdout_dropped + finished.stdout_bytes.saturating_sub(stored[0]),
                 finished.stderr_dropped + finished.stderr_bytes.saturating_sub(stored[1]),
             ];
-            let finish = self
-                .finish_record(
-                    id,
-                    state,
-                    finished.exit_code,
-                    finished.message,
-                    finished.started_at,
-                    finished.finished_at,
-                    dropped,
-                )
-                .await?;
+            let finish = self.finish_record(
+                state,
+                finished.exit_code,
+                finished.message,
+                finished.started_at,
+                finished.finished_at,
+                dropped,
+                output,
+            );
             // Scoped to this machine: another machine's execution is left alone.
             let update = self.update(id, Change::Finished(Box::new(finish)));
             self.state.writer.apply(vec![update]).await?;

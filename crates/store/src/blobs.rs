@@ -24,9 +24,12 @@ impl LocalBlobs {
     }
 
     fn path(&self, execution: ExecutionId, stream: &str) -> PathBuf {
-        // Two levels keep directories small when there are millions of executions.
+        // 256 directories keep each small when there are millions of executions, and an
+        // execution costs files, not a directory of its own.
         let id = execution.to_string();
-        self.root.join(&id[id.len() - 2..]).join(id).join(stream)
+        self.root
+            .join(&id[id.len() - 2..])
+            .join(format!("{id}.{stream}"))
     }
 
     /// How many bytes of the stream are stored.
