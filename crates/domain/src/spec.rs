@@ -318,10 +318,9 @@ impl RunRequest {
                 "a machine name or id is empty",
             ));
         }
-        let mut machines = self.machines.clone();
-        machines.sort();
-        machines.dedup();
-        Ok(Targets::Machines(machines))
+        // Kept in the order given, so that `targets.machines[i]` in an error names the entry
+        // the caller wrote; repeats are dropped later, when names resolve to machines.
+        Ok(Targets::Machines(self.machines.clone()))
     }
 }
 

@@ -60,6 +60,8 @@ pub struct MachineRecord {
     pub interpreters: Vec<String>,
     pub enrolled_at: UnixMillis,
     pub last_seen_at: Option<UnixMillis>,
+    /// Deleted machines keep their row (and their name in past runs).
+    pub deleted_at: Option<UnixMillis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +78,9 @@ pub struct NewExecution {
     pub machine_id: MachineId,
     pub machine_name: String,
     pub delivery_deadline: UnixMillis,
+    /// Why the machine cannot take it (deleted, ...): the execution is created failed, with
+    /// this message, and never sent.
+    pub ineligible: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

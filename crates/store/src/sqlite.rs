@@ -34,16 +34,20 @@ CREATE TABLE tokens (
 CREATE INDEX tokens_machine ON tokens(machine_id);
 CREATE TABLE machines (
     id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
     labels TEXT NOT NULL,
     hostname TEXT NOT NULL,
     os TEXT NOT NULL,
     arch TEXT NOT NULL,
     agent_version TEXT NOT NULL DEFAULT '',
     interpreters TEXT NOT NULL DEFAULT '[]',
-    enrolled_at INTEGER NOT NULL,
-    last_seen_at INTEGER
+        enrolled_at INTEGER NOT NULL,
+    last_seen_at INTEGER,
+    deleted_at INTEGER
 );
+-- Names are unique among live machines; a deleted machine keeps its row, so that a run naming
+-- it gets a failed execution that says so, and its name can be enrolled again.
+CREATE UNIQUE INDEX machines_live_name ON machines(name) WHERE deleted_at IS NULL;
 CREATE TABLE runs (
     id TEXT PRIMARY KEY,
     created_at INTEGER NOT NULL,
@@ -100,8 +104,8 @@ const RUN_COLUMNS: &str = "id, created_at, targets_kind, targets_value, script, 
     parameters, env, workdir, timeout_ms, delivery_timeout_ms, cancel_requested, \
     max_concurrency, max_errors, stop_reason";
 
-const MACHINE_COLUMNS: &str =
-    "id, name, labels, hostname, os, arch, agent_version, interpreters, enrolled_at, last_seen_at";
+const MACHINE_COLUMNS: &str = "id, name, labels, hostname, os, arch, agent_version, interpreters, enrolled_at, last_seen_at, \
+     deleted_at";
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -239,6 +243,7 @@ fn machine_from_row(row: &SqliteRow) -> Result<MachineRecord> {
         interpreters: from_json(&row.try_get::<String, _>("interpreters")?)?,
         enrolled_at: row.try_get("enrolled_at")?,
         last_seen_at: row.try_get("last_seen_at")?,
+        deleted_at: row.try_get("deleted_at")?,
     })
 }
 
@@ -371,7 +376,7 @@ impl Store for SqliteStore {
 
     async fn enroll_machine(&self, machine: &NewMachine, token_hash: &str) -> Result<()> {
         let mut tx = self.writer.begin().await?;
-        let taken = sqlx::query("SELECT 1 FROM machines WHERE name = ?")
+        let taken = sqlx::query("SELECT 1 FROM machines WHERE name = ? AND deleted_at IS NULL")
             .bind(&machine.name)
             .fetch_optional(&mut *tx)
             .await?
@@ -432,7 +437,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_machines(&self) -> Result<Vec<MachineRecord>> {
-        let sql = format!("SELECT {MACHINE_COLUMNS} FROM machines ORDER BY name");
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines WHERE deleted_at IS NULL ORDER BY name"
+        );
         sqlx::query(&sql)
             .fetch_all(&self.readers)
             .await?
@@ -453,7 +460,11 @@ impl Store for SqliteStore {
     }
 
     async fn find_machine_by_name(&self, name: &str) -> Result<Option<MachineRecord>> {
-        let sql = format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE name = ?");
+        // The live machine of that name, else the one deleted last.
+        let sql = format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines WHERE name = ? \
+             ORDER BY deleted_at IS NOT NULL, deleted_at DESC LIMIT 1"
+        );
         sqlx::query(&sql)
             .bind(name)
             .fetch_optional(&self.readers)
@@ -484,7 +495,8 @@ impl Store for SqliteStore {
             .bind(&id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM machines WHERE id = ?")
+        sqlx::query("UPDATE machines SET deleted_at = ? WHERE id = ?")
+            .bind(now)
             .bind(&id)
             .execute(&mut *tx)
             .await?;
@@ -520,11 +532,13 @@ impl Store for SqliteStore {
         .await?;
         // Many rows per statement: a fan-out to thousands of machines is a few statements.
         let mut released = Vec::new();
+        let mut ineligible = Vec::new();
         for chunk in executions.chunks(100) {
-            let values = vec!["(?, ?, ?, ?, 'pending', ?, ?, ?)"; chunk.len()].join(", ");
+            let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
             let sql = format!(
                 "INSERT INTO executions (id, run_id, machine_id, machine_name, state, created_at, \
-                 delivery_deadline, released) VALUES {values} RETURNING {EXECUTION_COLUMNS}"
+                 delivery_deadline, released, message, finished_at) VALUES {values} \
+                 RETURNING {EXECUTION_COLUMNS}"
             );
             let mut query = sqlx::query(&sql);
             for execution in chunk {
@@ -533,18 +547,27 @@ impl Store for SqliteStore {
                     .bind(&run_id)
                     .bind(execution.machine_id.to_string())
                     .bind(&execution.machine_name)
+                    .bind(if execution.ineligible.is_some() {
+                        "failed"
+                    } else {
+                        "pending"
+                    })
                     .bind(run.created_at)
                     .bind(if held_back {
                         i64::MAX
                     } else {
                         execution.delivery_deadline
                     })
-                    .bind(!held_back as i64);
+                    .bind((!held_back || execution.ineligible.is_some()) as i64)
+                    .bind(&execution.ineligible)
+                    .bind(execution.ineligible.as_ref().map(|_| run.created_at));
             }
-            let rows = query.fetch_all(&mut *tx).await?;
-            if !held_back {
-                for row in &rows {
-                    released.push(execution_from_row(row)?);
+            for row in query.fetch_all(&mut *tx).await? {
+                let execution = execution_from_row(&row)?;
+                if execution.state == ExecutionState::Pending && execution.released {
+                    released.push(execution);
+                } else if execution.state.is_terminal() {
+                    ineligible.push(execution);
                 }
             }
         }
@@ -552,7 +575,11 @@ impl Store for SqliteStore {
             released,
             ..Outcome::default()
         };
-        if held_back {
+        if !ineligible.is_empty() {
+            // Ineligible targets count as failures for max_errors, may be all there is, and
+            // settling them advances a rate-limited run too.
+            outcome.absorb(settle(&mut tx, ineligible, run.created_at).await?);
+        } else if held_back {
             outcome.absorb(advance(&mut tx, &[run.id], run.created_at).await?);
         }
         tx.commit().await?;

@@ -72,6 +72,7 @@ async fn run_limited(
             machine_id: *machine_id,
             machine_name: "m".into(),
             delivery_deadline: deadline,
+            ineligible: None,
         })
         .collect();
     store.create_run(&run, &executions).await?;
@@ -136,8 +137,18 @@ async fn tokens_and_machines() -> TestResult {
     assert_eq!(store.list_machines().await?.len(), 1);
 
     store.delete_machine(id, 5).await?;
-    assert!(store.get_machine(id).await?.is_none());
+    // A deleted machine keeps its row, marked, but is no longer listed, and its name is free.
+    assert_eq!(
+        store.get_machine(id).await?.and_then(|m| m.deleted_at),
+        Some(5)
+    );
+    assert!(store.list_machines().await?.is_empty());
     assert!(store.find_token("hash-web-1").await?.is_none());
+    let again = machine(&store, "web-1").await?;
+    assert_eq!(
+        store.find_machine_by_name("web-1").await?.map(|m| m.id),
+        Some(again)
+    );
     Ok(())
 }
 
@@ -348,6 +359,7 @@ async fn max_concurrency_releases_a_window_at_a_time() -> TestResult {
             machine_id: *machine_id,
             machine_name: "m".into(),
             delivery_deadline: 0,
+            ineligible: None,
         })
         .collect();
     let created = store.create_run(&run, &new).await?;
@@ -438,5 +450,54 @@ async fn an_agent_cannot_change_another_machines_execution() -> TestResult {
         change: Change::Delivered { at: 6 },
     };
     assert_eq!(store.apply(&[own], 6).await?.changed.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn ineligible_targets_are_failed_executions_not_a_rejected_run() -> TestResult {
+    let (_dir, store) = sqlite().await?;
+    let targets = machines(&store, 3).await?;
+    let request = RunRequest {
+        all: true,
+        script: "true".into(),
+        ..RunRequest::default()
+    };
+    let (targets_kind, spec) = request.validate(&Limits::default())?;
+    let run = NewRun {
+        id: RunId::new(),
+        created_at: 10,
+        targets: targets_kind,
+        spec,
+    };
+    let new: Vec<NewExecution> = targets
+        .iter()
+        .enumerate()
+        .map(|(index, machine_id)| NewExecution {
+            id: ExecutionId::new(),
+            machine_id: *machine_id,
+            machine_name: format!("m{index}"),
+            delivery_deadline: 1000,
+            ineligible: (index == 1).then(|| "the machine was deleted".to_string()),
+        })
+        .collect();
+    let created = store.create_run(&run, &new).await?;
+    assert_eq!(ids(&created.released), vec![new[0].id, new[2].id]);
+    assert_eq!(ids(&created.changed), vec![new[1].id]);
+    let failed = store.get_execution(new[1].id).await?.ok_or("execution")?;
+    assert_eq!(failed.state, ExecutionState::Failed);
+    assert_eq!(failed.message.as_deref(), Some("the machine was deleted"));
+    assert_eq!(failed.finished_at, Some(10));
+
+    // A run of nothing but ineligible targets is over at once.
+    let only = NewRun {
+        id: RunId::new(),
+        ..run.clone()
+    };
+    let lone = NewExecution {
+        id: ExecutionId::new(),
+        ..new[1].clone()
+    };
+    let created = store.create_run(&only, &[lone]).await?;
+    assert_eq!(created.finished_runs, vec![only.id]);
     Ok(())
 }

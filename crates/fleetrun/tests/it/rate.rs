@@ -203,3 +203,44 @@ fn waiting_on_a_pipe_prints_no_progress() {
         "no progress bar on stderr either: {stderr}"
     );
 }
+
+#[test]
+fn a_deleted_target_fails_alone_and_the_run_goes_ahead() {
+    let mut cluster = Cluster::start();
+    agents(&mut cluster, 2);
+    cluster.kill_agent("node-1");
+    cluster
+        .fleetrun(&["machines", "delete", "node-1"])
+        .success();
+    let run = cluster.create_run(json!({
+        "targets": {"machines": ["node-0", "node-1"]},
+        "script": "echo fine"
+    }));
+    let run = cluster.wait_run(run["id"].as_str().expect("id"));
+    assert_eq!(run["status"], "failed", "{run}");
+    let executions = run["executions"].as_array().expect("executions");
+    let by_name = |name: &str| {
+        executions
+            .iter()
+            .find(|execution| execution["machine_name"] == name)
+            .unwrap_or_else(|| panic!("no execution on {name}: {run}"))
+    };
+    assert_eq!(by_name("node-0")["state"], "succeeded", "{run}");
+    let deleted = by_name("node-1");
+    assert_eq!(deleted["state"], "failed", "{deleted}");
+    assert!(
+        deleted["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("deleted"),
+        "{deleted}"
+    );
+    assert!(deleted["started_at"].is_null(), "{deleted}");
+    // The name is free again, and an unknown name is still an error before anything runs.
+    let (status, error) = cluster.post_json(
+        "/v1/runs",
+        &json!({"targets": {"machines": ["node-0", "never-was"]}, "script": "true"}),
+    );
+    assert_eq!(status, 404, "{error}");
+    assert_eq!(error["error"]["field"], "targets.machines[1]", "{error}");
+}

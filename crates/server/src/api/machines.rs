@@ -12,8 +12,18 @@ use crate::dispatch;
 use crate::error::ApiError;
 use crate::{AppState, now_millis};
 
-/// Finds a machine by id or by name.
+/// Finds a live machine by id or by name.
 pub(crate) async fn resolve(
+    state: &AppState,
+    name_or_id: &str,
+) -> Result<Option<MachineRecord>, ApiError> {
+    Ok(resolve_any(state, name_or_id)
+        .await?
+        .filter(|machine| machine.deleted_at.is_none()))
+}
+
+/// Finds a machine by id or by name, deleted ones included (a live one wins a name).
+pub(crate) async fn resolve_any(
     state: &AppState,
     name_or_id: &str,
 ) -> Result<Option<MachineRecord>, ApiError> {

@@ -14,7 +14,7 @@ use store::{MachineRecord, NewExecution, NewRun};
 use utoipa::IntoParams;
 
 use super::convert;
-use super::machines::resolve;
+use super::machines::resolve_any;
 use crate::auth::Admin;
 use crate::dispatch;
 use crate::error::{ApiError, ApiJson, ApiQuery};
@@ -43,7 +43,7 @@ async fn resolve_targets(
         Targets::Machines(names) => {
             let mut machines = Vec::with_capacity(names.len());
             for (index, name) in names.iter().enumerate() {
-                let machine = resolve(state, name).await?.ok_or_else(|| {
+                let machine = resolve_any(state, name).await?.ok_or_else(|| {
                     ValidationError::new(
                         "MachineNotFound",
                         format!("targets.machines[{index}]"),
@@ -130,9 +130,18 @@ pub(crate) async fn create_run(
         .into_iter()
         .map(|machine| NewExecution {
             id: ExecutionId::new(),
+            delivery_deadline: deadline,
+            // A deleted machine named in the targets fails on its own; the rest of the run
+            // goes ahead.
+            ineligible: machine.deleted_at.map(|at| {
+                format!(
+                    "the machine `{}` was deleted at {}: nothing was sent",
+                    machine.name,
+                    convert::time(at)
+                )
+            }),
             machine_id: machine.id,
             machine_name: machine.name,
-            delivery_deadline: deadline,
         })
         .collect();
     let created = state.store.create_run(&run, &executions).await?;
