@@ -519,7 +519,7 @@ impl Conversation<'_> {
             }
             ServerMessage::Execute(execute) => {
                 let execution_id = execute.execution_id;
-                match self.executions.accept(execute).await {
+                match self.executions.accept(*execute).await {
                     Ok(acceptance) => {
                         self.send(AgentMessage::Accepted { execution_id }).await?;
                         let shipping = self

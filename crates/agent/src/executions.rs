@@ -395,6 +395,7 @@ async fn recover(inner: &Inner, entry: LoadedEntry) -> Option<(Uuid, Progress)> 
                 stderr_bytes: stderr_len,
                 stdout_dropped: 0,
                 stderr_dropped: 0,
+                error_code: None,
             };
             status.set_finished(&finished);
             let journal = inner.journal.clone();

@@ -88,6 +88,7 @@ impl ExecutionEnd {
             stderr_bytes: self.stderr.kept,
             stdout_dropped: self.stdout.dropped,
             stderr_dropped: self.stderr.dropped,
+            error_code: None,
         }
     }
 }

@@ -100,6 +100,7 @@ impl Status {
             stderr_bytes: self.stderr_bytes,
             stdout_dropped: self.stdout_dropped,
             stderr_dropped: self.stderr_dropped,
+            error_code: None,
         })
     }
 

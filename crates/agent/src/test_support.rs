@@ -18,6 +18,11 @@ pub(crate) fn execute(script: &str) -> Execute {
         workdir: None,
         timeout_ms: 60_000,
         output_cap_bytes: 1 << 20,
+        script_uri: None,
+        script_sha256: None,
+        max_script_bytes: 1 << 20,
+        output_blob_uri: None,
+        error_blob_uri: None,
     }
 }
 

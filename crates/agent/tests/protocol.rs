@@ -309,6 +309,11 @@ fn execute(script: &str) -> Execute {
         workdir: None,
         timeout_ms: 60_000,
         output_cap_bytes: 1 << 20,
+        script_uri: None,
+        script_sha256: None,
+        max_script_bytes: 1 << 20,
+        output_blob_uri: None,
+        error_blob_uri: None,
     }
 }
 
@@ -369,7 +374,7 @@ async fn enrolls_runs_a_script_and_reports_it() {
 
     let work = execute(r"echo out; printf '\377\000' >&2; head -c 150000 /dev/zero; exit 3");
     let id = work.execution_id;
-    connection.send(ServerMessage::Execute(work));
+    connection.send(ServerMessage::Execute(Box::new(work)));
     let (messages, finished) = connection.until_finished(id).await;
     assert_eq!(messages[0], AgentMessage::Accepted { execution_id: id });
     assert!(
@@ -419,13 +424,13 @@ async fn a_reconnect_resumes_output_and_forgets_what_the_server_dropped() {
     // Finished but never acknowledged; the server will not name it again.
     let dropped = execute("echo quick");
     let dropped_id = dropped.execution_id;
-    connection.send(ServerMessage::Execute(dropped));
+    connection.send(ServerMessage::Execute(Box::new(dropped)));
     connection.until_finished(dropped_id).await;
 
     let mut slow = execute(r#"echo first; while [ ! -e "$GO" ]; do sleep 0.05; done; echo second"#);
     slow.env.insert("GO".to_string(), go.display().to_string());
     let id = slow.execution_id;
-    connection.send(ServerMessage::Execute(slow));
+    connection.send(ServerMessage::Execute(Box::new(slow)));
     connection.first_output(id).await;
     drop(connection);
 
@@ -492,9 +497,9 @@ async fn cancel_and_a_repeated_execute() {
     once.env
         .insert("COUNT".to_string(), count.display().to_string());
     let once_id = once.execution_id;
-    connection.send(ServerMessage::Execute(once.clone()));
+    connection.send(ServerMessage::Execute(Box::new(once.clone())));
     connection.until_finished(once_id).await;
-    connection.send(ServerMessage::Execute(once));
+    connection.send(ServerMessage::Execute(Box::new(once)));
     let (messages, finished) = connection.until_finished(once_id).await;
     assert_eq!(
         messages[0],
@@ -511,7 +516,7 @@ async fn cancel_and_a_repeated_execute() {
 
     let long = execute("echo ready; sleep 300");
     let long_id = long.execution_id;
-    connection.send(ServerMessage::Execute(long));
+    connection.send(ServerMessage::Execute(Box::new(long)));
     connection.first_output(long_id).await;
     connection.send(ServerMessage::Cancel {
         execution_id: long_id,

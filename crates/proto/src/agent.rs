@@ -127,6 +127,11 @@ pub struct Finished {
     /// Bytes beyond the output cap, not kept.
     pub stdout_dropped: u64,
     pub stderr_dropped: u64,
+    /// A stable name for why it failed without running the script, or what went wrong after
+    /// it: `InterpreterNotFound`, `ScriptDownloadFailed`, `ScriptChecksumMismatch`,
+    /// `OutputUploadFailed`, ...
+    #[serde(default)]
+    pub error_code: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,7 +140,9 @@ pub enum ServerMessage {
         machine_id: Uuid,
         resume: Vec<Resume>,
     },
-    Execute(Execute),
+    /// Boxed: it is by far the largest message, and every queued message takes the size of
+    /// the largest.
+    Execute(Box<Execute>),
     Cancel {
         execution_id: Uuid,
     },
@@ -173,6 +180,22 @@ pub struct Execute {
     pub timeout_ms: u64,
     /// Bytes kept per stream; the rest is counted and dropped.
     pub output_cap_bytes: u64,
+    /// Fetch the script from this HTTP(S) URL (a pre-signed S3 URL, an OCI PAR, an Azure SAS
+    /// URL...) instead of `script`, which is then empty.
+    #[serde(default)]
+    pub script_uri: Option<String>,
+    /// Hex SHA-256 the downloaded script must have.
+    #[serde(default)]
+    pub script_sha256: Option<String>,
+    /// Largest script the agent downloads from `script_uri`.
+    #[serde(default)]
+    pub max_script_bytes: u64,
+    /// When the execution ends, upload the whole of stdout (and stderr) here with an HTTP PUT
+    /// (a pre-signed URL). The output is kept by fleetrun as well.
+    #[serde(default)]
+    pub output_blob_uri: Option<String>,
+    #[serde(default)]
+    pub error_blob_uri: Option<String>,
 }
 
 /// Why a frame could not be decoded.

@@ -31,7 +31,7 @@ pub(crate) fn execute_message(
     // environment variable of the same name wins.
     let mut env: BTreeMap<String, String> = run.spec.parameters.clone();
     env.extend(run.spec.env.clone());
-    Some(ServerMessage::Execute(Execute {
+    Some(ServerMessage::Execute(Box::new(Execute {
         execution_id: execution_id.as_uuid(),
         run_id: run.id.as_uuid(),
         script,
@@ -44,7 +44,12 @@ pub(crate) fn execute_message(
         workdir: run.spec.workdir.clone(),
         timeout_ms: run.spec.timeout.as_millis() as u64,
         output_cap_bytes: state.limits.output_cap_bytes,
-    }))
+        script_uri: None,
+        script_sha256: None,
+        max_script_bytes: state.limits.max_script_bytes,
+        output_blob_uri: None,
+        error_blob_uri: None,
+    })))
 }
 
 /// Acts on what a write did: tells waiters, and sends released executions to their agents.

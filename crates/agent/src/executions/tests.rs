@@ -348,6 +348,7 @@ async fn a_restart_settles_what_the_journal_holds() {
         stderr_bytes: 0,
         stdout_dropped: 0,
         stderr_dropped: 0,
+        error_code: None,
     });
     journal
         .write_status(done.execution_id, &finished_status)

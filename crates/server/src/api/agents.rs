@@ -86,8 +86,10 @@ pub(crate) async fn connect(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     // Small buffers: an idle agent should cost the server a few KiB, not the default 128 KiB.
+    // Frames from agents are small (output comes in chunks of at most 64 KiB, which the
+    // buffer grows for and gives back).
     upgrade
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(8 * 1024)
         .max_message_size(proto::agent::MAX_FRAME_BYTES)
         .on_upgrade(move |socket| gateway::session(state, machine_id, socket))
