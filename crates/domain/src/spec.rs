@@ -88,6 +88,13 @@ pub struct RunRequest {
     pub max_concurrency: Option<String>,
     /// `0`, `5` or `10%`: failures allowed before the executions not yet sent are skipped.
     pub max_errors: Option<String>,
+    /// Fetch the script from here (HTTP or HTTPS) instead of `script`.
+    pub script_uri: Option<String>,
+    /// Hex SHA-256 the fetched script must have.
+    pub script_sha256: Option<String>,
+    /// Upload the whole stdout / stderr here (HTTP PUT) when the execution ends.
+    pub output_blob_uri: Option<String>,
+    pub error_blob_uri: Option<String>,
 }
 
 /// A validated run: what is stored and what each machine is sent.
@@ -103,6 +110,10 @@ pub struct RunSpec {
     pub delivery_timeout: Duration,
     pub max_concurrency: Option<RateLimit>,
     pub max_errors: Option<RateLimit>,
+    pub script_uri: Option<String>,
+    pub script_sha256: Option<String>,
+    pub output_blob_uri: Option<String>,
+    pub error_blob_uri: Option<String>,
 }
 
 impl RunSpec {
@@ -118,12 +129,47 @@ impl RunRequest {
     pub fn validate(self, limits: &Limits) -> Result<(Targets, RunSpec), ValidationError> {
         let targets = self.targets()?;
 
-        if self.script.trim().is_empty() {
-            return Err(ValidationError::new(
-                "EmptyScript",
-                "script",
-                "the script is empty",
-            ));
+        match (&self.script_uri, self.script.trim().is_empty()) {
+            (Some(_), false) => {
+                return Err(ValidationError::new(
+                    "ConflictingScript",
+                    "script_uri",
+                    "give the script inline or as script_uri, not both",
+                ));
+            }
+            (Some(uri), true) => check_uri(uri, "script_uri")?,
+            (None, true) => {
+                return Err(ValidationError::new(
+                    "EmptyScript",
+                    "script",
+                    "the script is empty",
+                ));
+            }
+            (None, false) => {}
+        }
+        if let Some(digest) = &self.script_sha256 {
+            if self.script_uri.is_none() {
+                return Err(ValidationError::new(
+                    "UnexpectedScriptSha256",
+                    "script_sha256",
+                    "script_sha256 checks a downloaded script: give it with script_uri",
+                ));
+            }
+            if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ValidationError::new(
+                    "InvalidScriptSha256",
+                    "script_sha256",
+                    "script_sha256 must be 64 hexadecimal digits",
+                ));
+            }
+        }
+        for (uri, field) in [
+            (&self.output_blob_uri, "output_blob_uri"),
+            (&self.error_blob_uri, "error_blob_uri"),
+        ] {
+            if let Some(uri) = uri {
+                check_uri(uri, field)?;
+            }
         }
         if self.script.len() as u64 > limits.max_script_bytes {
             return Err(ValidationError::new(
@@ -152,6 +198,16 @@ impl RunRequest {
             validate_parameter_name(name).map_err(|error| {
                 ValidationError::new("InvalidParameterName", "parameters", error.to_string())
             })?;
+            if clobbers_environment(name) {
+                return Err(ValidationError::new(
+                    "ReservedParameterName",
+                    format!("parameters.{name}"),
+                    format!(
+                        "parameter `{name}` would replace the environment variable of the same \
+                         name that the script's process needs; choose another name"
+                    ),
+                ));
+            }
             if value.len() > limits.max_parameter_value_bytes {
                 return Err(ValidationError::new(
                     "ParameterTooLarge",
@@ -279,6 +335,10 @@ impl RunRequest {
                 delivery_timeout,
                 max_concurrency,
                 max_errors,
+                script_uri: self.script_uri,
+                script_sha256: self.script_sha256.map(|digest| digest.to_ascii_lowercase()),
+                output_blob_uri: self.output_blob_uri,
+                error_blob_uri: self.error_blob_uri,
             },
         ))
     }
@@ -321,6 +381,32 @@ impl RunRequest {
         // Kept in the order given, so that `targets.machines[i]` in an error names the entry
         // the caller wrote; repeats are dropped later, when names resolve to machines.
         Ok(Targets::Machines(self.machines.clone()))
+    }
+}
+
+/// Parameters are exported as environment variables of the same name; these names would
+/// replace what the script's process needs to run at all.
+fn clobbers_environment(name: &str) -> bool {
+    const RESERVED: [&str; 10] = [
+        "PATH", "HOME", "SHELL", "USER", "LOGNAME", "PWD", "IFS", "ENV", "BASH_ENV", "TMPDIR",
+    ];
+    let upper = name.to_ascii_uppercase();
+    RESERVED.contains(&upper.as_str()) || upper.starts_with("LD_") || upper.starts_with("FLEETRUN_")
+}
+
+/// An `http://` or `https://` URL with a host: the agent fetches or uploads with it.
+fn check_uri(uri: &str, field: &str) -> Result<(), ValidationError> {
+    let rest = uri
+        .strip_prefix("https://")
+        .or_else(|| uri.strip_prefix("http://"));
+    let host = rest.map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+    match host {
+        Some(host) if !host.is_empty() && !uri.chars().any(char::is_whitespace) => Ok(()),
+        _ => Err(ValidationError::new(
+            "InvalidUri",
+            field,
+            format!("{field} must be an http:// or https:// URL"),
+        )),
     }
 }
 
@@ -454,6 +540,38 @@ mod tests {
         let mut errors = request("true");
         errors.max_errors = Some("lots".into());
         assert_eq!(error_of(errors), ("InvalidMaxErrors", "max_errors".into()));
+
+        let mut path = request("echo {{PATH}}");
+        path.parameters.insert("PATH".into(), "/tmp".into());
+        assert_eq!(
+            error_of(path),
+            ("ReservedParameterName", "parameters.PATH".into())
+        );
+        let mut preload = request("true");
+        preload
+            .parameters
+            .insert("LD_PRELOAD".into(), "x.so".into());
+        assert_eq!(error_of(preload).0, "ReservedParameterName");
+
+        let mut both = request("true");
+        both.script_uri = Some("https://example.com/s.sh".into());
+        assert_eq!(error_of(both), ("ConflictingScript", "script_uri".into()));
+        let mut uri = request("");
+        uri.script_uri = Some("ftp://example.com/s.sh".into());
+        assert_eq!(error_of(uri), ("InvalidUri", "script_uri".into()));
+        let mut digest = request("");
+        digest.script_uri = Some("https://example.com/s.sh".into());
+        digest.script_sha256 = Some("abc".into());
+        assert_eq!(
+            error_of(digest),
+            ("InvalidScriptSha256", "script_sha256".into())
+        );
+        let mut upload = request("true");
+        upload.output_blob_uri = Some("not a url".into());
+        assert_eq!(error_of(upload), ("InvalidUri", "output_blob_uri".into()));
+        let mut fetched = request("");
+        fetched.script_uri = Some("http://127.0.0.1:9/s.sh?sig=x".into());
+        assert!(fetched.validate(&Limits::default()).is_ok());
 
         let mut env = request("true");
         env.env.insert("A=B".into(), "x".into());

@@ -56,7 +56,7 @@ enum Command {
     /// Run a server and one local agent on SQLite, ready to use.
     Dev(daemons::DevArgs),
     /// Run a script on one machine, a list, or every machine matching labels.
-    Run(operator::RunArgs),
+    Run(Box<operator::RunArgs>),
     /// List, show and cancel runs; read their output.
     #[command(subcommand)]
     Runs(operator::RunsCommand),
@@ -95,7 +95,7 @@ fn main() -> ExitCode {
             Command::Server(args) => report(daemons::server(args).await),
             Command::Agent(args) => report(daemons::agent(args).await),
             Command::Dev(args) => report(daemons::dev(args).await),
-            Command::Run(args) => operator::run(args).await,
+            Command::Run(args) => operator::run(*args).await,
             Command::Runs(command) => operator::runs(command).await,
             Command::Machines(command) => operator::machines(command).await,
             Command::Openapi => {

@@ -64,6 +64,18 @@ pub(crate) struct RunArgs {
     /// percentage of the targets [default: no limit].
     #[arg(long)]
     max_errors: Option<String>,
+    /// Fetch the script on the machine from this HTTP(S) URL instead of giving it here.
+    #[arg(long, conflicts_with_all = ["script", "file"])]
+    script_uri: Option<String>,
+    /// Hex SHA-256 the fetched script must have.
+    #[arg(long, requires = "script_uri")]
+    script_sha256: Option<String>,
+    /// Upload each execution's whole stdout to this pre-signed URL (HTTP PUT) when it ends.
+    #[arg(long)]
+    output_blob_uri: Option<String>,
+    /// Upload each execution's whole stderr to this pre-signed URL (HTTP PUT) when it ends.
+    #[arg(long)]
+    error_blob_uri: Option<String>,
     /// Print the run id and return without waiting.
     #[arg(long)]
     no_wait: bool,
@@ -172,7 +184,10 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
         (None, Some(path)) => {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
         }
-        (None, None) => bail!("give the script inline, as --file FILE, or as - to read stdin"),
+        (None, None) if args.script_uri.is_some() => String::new(),
+        (None, None) => bail!(
+            "give the script inline, as --file FILE, as - to read stdin, or as --script-uri URL"
+        ),
         (Some(_), Some(_)) => bail!("give the script inline or with --file, not both"),
     };
     let client = client(&args.connection)?;
@@ -191,6 +206,10 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
         delivery_timeout: args.delivery_timeout.map(DurationValue::Text),
         max_concurrency: args.max_concurrency.map(LimitValue::Text),
         max_errors: args.max_errors.map(LimitValue::Text),
+        script_uri: args.script_uri,
+        script_sha256: args.script_sha256,
+        output_blob_uri: args.output_blob_uri,
+        error_blob_uri: args.error_blob_uri,
     };
     let json = args.connection.format == Format::Json;
     let run = client.create_run(&request).await?;
@@ -270,11 +289,8 @@ fn exit_code_of(execution: &Execution) -> ExitCode {
 /// Waits for the whole run, then prints each machine's result.
 async fn many_targets(client: &Client, run_id: &str, json: bool) -> anyhow::Result<ExitCode> {
     // Progress only for a person watching: not on a pipe, not with -o json.
-    let run = if !json && std::io::stderr().is_terminal() {
-        wait_with_progress(client, run_id).await?
-    } else {
-        client.wait_run(run_id).await?
-    };
+    let show_progress = !json && std::io::stderr().is_terminal();
+    let run = wait_with_progress(client, run_id, show_progress).await?;
     let ok = run.status == "succeeded";
     if json {
         print_json(&run)?;
@@ -293,16 +309,24 @@ fn describe(execution: &Execution) -> String {
     if let Some(code) = execution.exit_code {
         text.push_str(&format!(", exit {code}"));
     }
+    if let Some(code) = &execution.error_code {
+        text.push_str(&format!(" [{code}]"));
+    }
     if let Some(message) = &execution.message {
         text.push_str(&format!(": {message}"));
     }
     text
 }
 
-/// Follows the run's events, drawing counts and a bar on stderr, until it is over.
-async fn wait_with_progress(client: &Client, run_id: &str) -> anyhow::Result<Run> {
+/// Follows the run's event stream until it is over, drawing counts and a bar on stderr if
+/// `show` is set.
+async fn wait_with_progress(client: &Client, run_id: &str, show: bool) -> anyhow::Result<Run> {
     let mut events = Box::pin(client.run_events(run_id).await?);
-    let bar = ProgressBar::new(0);
+    let bar = if show {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} done  {msg}  {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),

@@ -129,6 +129,21 @@ pub struct CreateRun {
     /// percentage of the targets. Default: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_errors: Option<LimitValue>,
+    /// Fetch the script from this HTTP(S) URL on the machine (a pre-signed S3 URL, an OCI
+    /// PAR, an Azure SAS URL) instead of giving `script`. It is not templated: parameters
+    /// reach it as environment variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_uri: Option<String>,
+    /// Hex SHA-256 the downloaded script must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_sha256: Option<String>,
+    /// When each execution ends, its whole stdout is uploaded here with an HTTP PUT (a
+    /// pre-signed URL; `x-ms-blob-type: BlockBlob` is sent for Azure). fleetrun keeps it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_blob_uri: Option<String>,
+    /// The same for stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_blob_uri: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -156,6 +171,12 @@ pub struct Run {
     pub max_errors: Option<String>,
     /// Why rate control stopped sending the rest of the run (max_errors reached).
     pub stop_reason: Option<String>,
+    pub script_uri: Option<String>,
+    pub script_sha256: Option<String>,
+    /// Upload destinations are pre-signed URLs, which are secrets: only whether one is set is
+    /// shown.
+    pub output_blob_uri_set: bool,
+    pub error_blob_uri_set: bool,
     /// Present on a single run's detail, absent in lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executions: Option<Vec<Execution>>,
@@ -192,6 +213,9 @@ pub struct Execution {
     /// The last 4 KiB of each stream (UTF-8, invalid bytes replaced).
     pub stdout_tail: String,
     pub stderr_tail: String,
+    /// A stable name for what went wrong beyond the exit code: `InterpreterNotFound`,
+    /// `ScriptDownloadFailed`, `ScriptChecksumMismatch`, `OutputUploadFailed`, `Interrupted`.
+    pub error_code: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -20,6 +20,8 @@ pub(crate) fn execute_message(
     execution_id: ExecutionId,
 ) -> Option<ServerMessage> {
     // Validation proved the script renders; a failure here means stored data changed under us.
+    // A script fetched from a URI is not templated: its parameters come as environment
+    // variables only.
     let script = match run.spec.rendered_script() {
         Ok(script) => script,
         Err(error) => {
@@ -44,11 +46,11 @@ pub(crate) fn execute_message(
         workdir: run.spec.workdir.clone(),
         timeout_ms: run.spec.timeout.as_millis() as u64,
         output_cap_bytes: state.limits.output_cap_bytes,
-        script_uri: None,
-        script_sha256: None,
+        script_uri: run.spec.script_uri.clone(),
+        script_sha256: run.spec.script_sha256.clone(),
         max_script_bytes: state.limits.max_script_bytes,
-        output_blob_uri: None,
-        error_blob_uri: None,
+        output_blob_uri: run.spec.output_blob_uri.clone(),
+        error_blob_uri: run.spec.error_blob_uri.clone(),
     })))
 }
 

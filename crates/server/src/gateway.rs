@@ -373,6 +373,7 @@ impl Conversation {
             now,
             [0, 0],
             stored,
+            Some("Interrupted".to_string()),
         );
         Ok(self.update(execution.id, Change::Finished(Box::new(finish))))
     }
@@ -396,6 +397,7 @@ impl Conversation {
         finished_at: i64,
         dropped: [u64; 2],
         stored: StoredOutput,
+        error_code: Option<String>,
     ) -> Finish {
         let StoredOutput {
             len,
@@ -413,6 +415,7 @@ impl Conversation {
             stderr_dropped: dropped[1],
             stdout_tail,
             stderr_tail,
+            error_code,
         }
     }
 
@@ -575,6 +578,7 @@ impl Conversation {
                 finished.finished_at,
                 dropped,
                 output,
+                finished.error_code,
             );
             // Scoped to this machine: another machine's execution is left alone.
             let update = self.update(id, Change::Finished(Box::new(finish)));

@@ -121,6 +121,9 @@ pub struct ExecutionRecord {
     pub stderr_tail: Vec<u8>,
     /// Rate control holds it back until a slot frees up.
     pub released: bool,
+    /// Why it failed without running, or what went wrong around it (`InterpreterNotFound`,
+    /// `ScriptDownloadFailed`, `OutputUploadFailed`, ...).
+    pub error_code: Option<String>,
 }
 
 /// A change to one execution's state, scoped to a machine when an agent reports it (an agent
@@ -157,6 +160,7 @@ pub struct Finish {
     pub stderr_dropped: u64,
     pub stdout_tail: Vec<u8>,
     pub stderr_tail: Vec<u8>,
+    pub error_code: Option<String>,
 }
 
 impl Change {

@@ -62,8 +62,12 @@ CREATE TABLE runs (
     delivery_timeout_ms INTEGER NOT NULL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     max_concurrency TEXT,
-    max_errors TEXT,
-    stop_reason TEXT
+        max_errors TEXT,
+    stop_reason TEXT,
+    script_uri TEXT,
+    script_sha256 TEXT,
+    output_blob_uri TEXT,
+    error_blob_uri TEXT
 );
 CREATE TABLE executions (
     id TEXT PRIMARY KEY,
@@ -85,7 +89,8 @@ CREATE TABLE executions (
     stderr_dropped INTEGER NOT NULL DEFAULT 0,
     stdout_tail BLOB NOT NULL DEFAULT x'',
     stderr_tail BLOB NOT NULL DEFAULT x'',
-    released INTEGER NOT NULL DEFAULT 1
+        released INTEGER NOT NULL DEFAULT 1,
+    error_code TEXT
 );
 CREATE INDEX executions_run ON executions(run_id);
 CREATE INDEX executions_run_open ON executions(run_id)
@@ -98,11 +103,12 @@ CREATE INDEX executions_pending_deadline ON executions(delivery_deadline)
 
 const EXECUTION_COLUMNS: &str = "id, run_id, machine_id, machine_name, state, exit_code, message, \
     created_at, delivered_at, started_at, finished_at, delivery_deadline, cancel_requested, \
-    stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped, stdout_tail, stderr_tail, released";
+    stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped, stdout_tail, stderr_tail, released, error_code";
 
 const RUN_COLUMNS: &str = "id, created_at, targets_kind, targets_value, script, interpreter, \
     parameters, env, workdir, timeout_ms, delivery_timeout_ms, cancel_requested, \
-    max_concurrency, max_errors, stop_reason";
+    max_concurrency, max_errors, stop_reason, script_uri, script_sha256, output_blob_uri, \
+    error_blob_uri";
 
 const MACHINE_COLUMNS: &str = "id, name, labels, hostname, os, arch, agent_version, interpreters, enrolled_at, last_seen_at, \
      deleted_at";
@@ -295,6 +301,10 @@ fn run_from_row(
             ),
             max_concurrency: limit("max_concurrency")?,
             max_errors: limit("max_errors")?,
+            script_uri: row.try_get("script_uri")?,
+            script_sha256: row.try_get("script_sha256")?,
+            output_blob_uri: row.try_get("output_blob_uri")?,
+            error_blob_uri: row.try_get("error_blob_uri")?,
         },
         stop_reason: row.try_get("stop_reason")?,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
@@ -326,6 +336,7 @@ fn execution_from_row(row: &SqliteRow) -> Result<ExecutionRecord> {
         stdout_tail: row.try_get("stdout_tail")?,
         stderr_tail: row.try_get("stderr_tail")?,
         released: row.try_get::<i64, _>("released")? != 0,
+        error_code: row.try_get("error_code")?,
     })
 }
 
@@ -513,7 +524,7 @@ impl Store for SqliteStore {
         let held_back = run.spec.max_concurrency.is_some();
         let mut tx = self.writer.begin().await?;
         sqlx::query(&format!(
-            "INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, NULL)"
+            "INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, NULL, ?, ?, ?, ?)"
         ))
         .bind(&run_id)
         .bind(run.created_at)
@@ -528,6 +539,10 @@ impl Store for SqliteStore {
         .bind(run.spec.delivery_timeout.as_millis() as i64)
         .bind(run.spec.max_concurrency.map(|limit| limit.to_string()))
         .bind(run.spec.max_errors.map(|limit| limit.to_string()))
+        .bind(&run.spec.script_uri)
+        .bind(&run.spec.script_sha256)
+        .bind(&run.spec.output_blob_uri)
+        .bind(&run.spec.error_blob_uri)
         .execute(&mut *tx)
         .await?;
         // Many rows per statement: a fan-out to thousands of machines is a few statements.
@@ -651,8 +666,8 @@ impl Store for SqliteStore {
                 }
                 Change::Finished(_) => {
                     "state = ?, exit_code = ?, message = ?, started_at = COALESCE(started_at, ?), \
-                     finished_at = ?, stdout_bytes = ?, stderr_bytes = ?, stdout_dropped = ?, \
-                     stderr_dropped = ?, stdout_tail = ?, stderr_tail = ?"
+                                          finished_at = ?, stdout_bytes = ?, stderr_bytes = ?, stdout_dropped = ?, \
+                     stderr_dropped = ?, stdout_tail = ?, stderr_tail = ?, error_code = ?"
                 }
             };
             let sql = format!(
@@ -681,6 +696,7 @@ impl Store for SqliteStore {
                         .bind(finish.stderr_dropped as i64)
                         .bind(finish.stdout_tail.clone())
                         .bind(finish.stderr_tail.clone())
+                        .bind(finish.error_code.clone())
                 }
             };
             let mut query = query.bind(update.id.to_string());

@@ -106,6 +106,7 @@ fn finish(id: ExecutionId, state: ExecutionState) -> ExecutionUpdate {
             stderr_dropped: 0,
             stdout_tail: b"world\n".to_vec(),
             stderr_tail: Vec::new(),
+            error_code: None,
         })),
     )
 }

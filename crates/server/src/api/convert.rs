@@ -74,6 +74,10 @@ pub(crate) fn run(record: RunRecord, executions: Option<Vec<ExecutionRecord>>) -
         max_concurrency: record.spec.max_concurrency.map(|limit| limit.to_string()),
         max_errors: record.spec.max_errors.map(|limit| limit.to_string()),
         stop_reason: record.stop_reason,
+        output_blob_uri_set: record.spec.output_blob_uri.is_some(),
+        error_blob_uri_set: record.spec.error_blob_uri.is_some(),
+        script_uri: record.spec.script_uri,
+        script_sha256: record.spec.script_sha256,
         executions: executions.map(|list| list.into_iter().map(execution).collect()),
     }
 }
@@ -97,5 +101,6 @@ pub(crate) fn execution(record: ExecutionRecord) -> api::Execution {
         stderr_dropped: record.stderr_dropped,
         stdout_tail: String::from_utf8_lossy(&record.stdout_tail).into_owned(),
         stderr_tail: String::from_utf8_lossy(&record.stderr_tail).into_owned(),
+        error_code: record.error_code,
     }
 }

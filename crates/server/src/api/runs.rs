@@ -114,6 +114,10 @@ pub(crate) async fn create_run(
         delivery_timeout: body.delivery_timeout.map(|value| value.into_text()),
         max_concurrency: body.max_concurrency.map(|value| value.into_text()),
         max_errors: body.max_errors.map(|value| value.into_text()),
+        script_uri: body.script_uri,
+        script_sha256: body.script_sha256,
+        output_blob_uri: body.output_blob_uri,
+        error_blob_uri: body.error_blob_uri,
     };
     let (targets, spec) = request.validate(&state.limits)?;
     let machines = resolve_targets(&state, &targets).await?;
