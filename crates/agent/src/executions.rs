@@ -2,6 +2,7 @@
 //! canceled or forgotten, with each one's progress published for the output shippers.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,8 +12,9 @@ use proto::agent::{Execute, Finished, HeldExecution, HeldPhase, Outcome, Stream}
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use uuid::Uuid;
 
-use crate::executor::{self, ExecutionEnd, OutputObserver, Placement};
+use crate::executor::{self, ErrorCode, ExecutionEnd, OutputObserver, Placement};
 use crate::journal::{self, Journal, JournalError, LoadedEntry, OutputPaths, Status};
+use crate::transfer;
 
 const INTERRUPTED_MESSAGE: &str =
     "the agent stopped while the script was running; the script's outcome is unknown";
@@ -112,6 +114,10 @@ struct State {
 
 struct Inner {
     journal: Journal,
+    /// For scripts fetched from `script_uri` and output uploaded to blob URIs.
+    http: reqwest::Client,
+    /// Turns true when the agent shuts down: uploads stop and are resumed at the next start.
+    shutdown: watch::Sender<bool>,
     work_root: PathBuf,
     kill_grace: Duration,
     slots: Arc<Semaphore>,
@@ -154,6 +160,8 @@ impl Executions {
         let (queue, queued) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             journal,
+            http: transfer::client()?,
+            shutdown: watch::channel(false).0,
             work_root: settings.state_dir.join("work"),
             kill_grace: settings.kill_grace,
             slots: Arc::new(Semaphore::new(max_parallel)),
@@ -165,7 +173,8 @@ impl Executions {
         let recovered =
             futures_util::future::join_all(loaded.into_iter().map(|entry| recover(&inner, entry)))
                 .await;
-        for (execution_id, progress) in recovered.into_iter().flatten() {
+        let mut uploading = Vec::new();
+        for (execution_id, progress, pending_uploads) in recovered.into_iter().flatten() {
             let queued = progress.phase == HeldPhase::Queued;
             inner
                 .state()
@@ -175,6 +184,13 @@ impl Executions {
                 // The receiver is alive: it is handed to the dispatcher below.
                 let _ = inner.queue.send(execution_id);
             }
+            if pending_uploads {
+                uploading.push(execution_id);
+            }
+        }
+        // Scripts that ended before the last agent stopped, with output still to upload.
+        for execution_id in uploading {
+            tokio::spawn(resume_uploads(inner.clone(), execution_id));
         }
         tokio::spawn(dispatch(inner.clone(), queued));
         Ok(Self { inner })
@@ -272,12 +288,7 @@ impl Executions {
             }
         };
         if was_queued {
-            let end = ExecutionEnd {
-                outcome: Outcome::Canceled,
-                message: Some("canceled before it started".to_string()),
-                ..ExecutionEnd::not_started(String::new())
-            };
-            record_finished(&self.inner, execution_id, end).await;
+            record_finished(&self.inner, execution_id, canceled_before_start()).await;
         }
     }
 
@@ -336,6 +347,7 @@ impl Executions {
                 }
             }
         }
+        self.inner.shutdown.send_replace(true);
         // Every running execution holds a slot until its result is recorded.
         let _all_slots = self.inner.slots.acquire_many(self.inner.max_parallel).await;
     }
@@ -355,9 +367,11 @@ async fn blocking<T: Send + 'static>(
         })
 }
 
-/// Turns one loaded journal entry into held progress. A script that was running when the agent
-/// died is stopped if it still runs on this boot, and finished as interrupted.
-async fn recover(inner: &Inner, entry: LoadedEntry) -> Option<(Uuid, Progress)> {
+/// Turns one loaded journal entry into held progress, and whether its output still has to be
+/// uploaded. A script that was running when the agent died is stopped if it still runs on
+/// this boot, and finished as interrupted; one that had ended but not finished uploading its
+/// output stays running until the uploads are done.
+async fn recover(inner: &Inner, entry: LoadedEntry) -> Option<(Uuid, Progress, bool)> {
     let LoadedEntry {
         execution_id,
         mut status,
@@ -374,6 +388,16 @@ async fn recover(inner: &Inner, entry: LoadedEntry) -> Option<(Uuid, Progress)> 
         HeldPhase::Finished => {
             progress.phase = HeldPhase::Finished;
             progress.finished = status.finished(execution_id);
+        }
+        // The script is over (its pid may belong to another process by now): only its uploads
+        // remain.
+        HeldPhase::Running if status.is_uploading() => {
+            progress.phase = HeldPhase::Running;
+            progress.started = status
+                .pid
+                .zip(status.started_at)
+                .map(|(pid, at)| StartedScript { pid, at });
+            return Some((execution_id, progress, true));
         }
         HeldPhase::Running => {
             let same_boot = status.boot_id.is_some() && status.boot_id == journal::boot_id();
@@ -409,7 +433,7 @@ async fn recover(inner: &Inner, entry: LoadedEntry) -> Option<(Uuid, Progress)> 
             progress.finished = Some(finished);
         }
     }
-    Some((execution_id, progress))
+    Some((execution_id, progress, false))
 }
 
 /// Starts queued executions in order as slots free up.
@@ -437,20 +461,92 @@ async fn dispatch(inner: Arc<Inner>, mut queued: mpsc::UnboundedReceiver<Uuid>) 
         let Some((progress, stop)) = begun else {
             continue;
         };
-        launch(inner.clone(), execution_id, progress, stop, permit);
+        let work = run_one(inner.clone(), execution_id, progress.clone(), stop);
+        launch(inner.clone(), execution_id, progress, permit, work);
     }
 }
 
-/// Runs one execution in a task of its own. A panic in it is contained: it is logged and the
-/// execution finishes as failed, and the agent goes on.
+/// Finishes the output uploads of a script the previous agent saw end, in a slot of its own.
+async fn resume_uploads(inner: Arc<Inner>, execution_id: Uuid) {
+    let Ok(permit) = inner.slots.clone().acquire_owned().await else {
+        return;
+    };
+    let begun = {
+        let state = inner.state();
+        if state.shutting_down {
+            return;
+        }
+        state
+            .held
+            .get(&execution_id)
+            .filter(|entry| entry.phase() == HeldPhase::Running)
+            .map(|entry| (entry.progress.clone(), entry.stop.subscribe()))
+    };
+    let Some((progress, stop)) = begun else {
+        return;
+    };
+    let work = {
+        let inner = inner.clone();
+        async move {
+            let journal = inner.journal.clone();
+            let status = match blocking(move || journal.read_status(execution_id)).await {
+                Ok(status) => status,
+                Err(error) => {
+                    // It was just loaded, so this is a damaged disk: report what is known.
+                    let mut end = ExecutionEnd::failed(
+                        ErrorCode::OutputUploadFailed,
+                        format!("the agent could not read this execution's status: {error}"),
+                    );
+                    end.outcome = Outcome::Interrupted;
+                    if let Some(progress) = progress_snapshot(&inner, execution_id) {
+                        end.started_at = progress.started_at();
+                        end.stdout.kept = progress.stdout_len;
+                        end.stderr.kept = progress.stderr_len;
+                    }
+                    record_finished(&inner, execution_id, end).await;
+                    return;
+                }
+            };
+            let journal = inner.journal.clone();
+            match blocking(move || journal.read_execute(execution_id)).await {
+                Ok(execute) => {
+                    tracing::info!(%execution_id, "uploading the output of a script that ended before the agent restarted");
+                    upload_outputs(&inner, execution_id, &execute, status, stop).await;
+                }
+                Err(error) => {
+                    let mut status = status;
+                    add_upload_failure(
+                        &mut status,
+                        format!(
+                            "the output was not uploaded: the agent could not read this \
+                             execution from its journal: {error}"
+                        ),
+                    );
+                    record(&inner, execution_id, status.result(execution_id)).await;
+                }
+            }
+        }
+    };
+    launch(inner.clone(), execution_id, progress, permit, work);
+}
+
+fn progress_snapshot(inner: &Inner, execution_id: Uuid) -> Option<Progress> {
+    let state = inner.state();
+    let entry = state.held.get(&execution_id)?;
+    let progress = entry.progress.borrow().clone();
+    Some(progress)
+}
+
+/// Runs one execution's `work` in a task of its own. A panic in it is contained: it is logged
+/// and the execution finishes as failed, and the agent goes on.
 fn launch(
     inner: Arc<Inner>,
     execution_id: Uuid,
     progress: Arc<watch::Sender<Progress>>,
-    stop: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
+    work: impl Future<Output = ()> + Send + 'static,
 ) {
-    let task = tokio::spawn(run_one(inner.clone(), execution_id, progress.clone(), stop));
+    let task = tokio::spawn(work);
     tokio::spawn(async move {
         if let Err(error) = task.await {
             tracing::error!(%execution_id, %error, "running an execution failed inside the agent");
@@ -480,7 +576,7 @@ async fn run_one(
     inner: Arc<Inner>,
     execution_id: Uuid,
     progress: Arc<watch::Sender<Progress>>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let journal = inner.journal.clone();
     let execute = match blocking(move || journal.read_execute(execution_id)).await {
@@ -499,8 +595,9 @@ async fn run_one(
         }
     };
 
-    // Recorded as running before the process exists: if the agent dies from here on, the
-    // restarted agent reports the execution as interrupted instead of running it again.
+    // Recorded as running before the script is fetched or the process exists: if the agent
+    // dies from here on, the restarted agent reports the execution as interrupted instead of
+    // running it again.
     let mut status = Status {
         phase: HeldPhase::Running,
         boot_id: journal::boot_id(),
@@ -514,6 +611,34 @@ async fn run_one(
         return;
     }
 
+    let script = match &execute.script_uri {
+        None => execute.script.clone().into_bytes(),
+        Some(uri) => {
+            let downloading = transfer::download_script(
+                &inner.http,
+                uri,
+                execute.script_sha256.as_deref(),
+                execute.max_script_bytes,
+            );
+            let downloaded = tokio::select! {
+                downloaded = downloading => downloaded,
+                () = stop_requested(&mut stop) => {
+                    record_finished(&inner, execution_id, canceled_before_start()).await;
+                    return;
+                }
+            };
+            match downloaded {
+                Ok(script) => script,
+                Err(failure) => {
+                    tracing::warn!(%execution_id, message = %failure.message, "could not fetch the script");
+                    let end = ExecutionEnd::failed(failure.code, failure.message);
+                    record_finished(&inner, execution_id, end).await;
+                    return;
+                }
+            }
+        }
+    };
+
     let placement = Placement {
         work_root: inner.work_root.clone(),
         output: inner.journal.output_paths(execution_id),
@@ -526,7 +651,7 @@ async fn run_one(
             Stream::Stderr => progress.stderr_len = length,
         });
     });
-    let end = match executor::start(&execute, &placement).await {
+    let end = match executor::start(&execute, script, &placement).await {
         Err(end) => end,
         Ok(script) => {
             let started = StartedScript {
@@ -540,10 +665,147 @@ async fn run_one(
             if let Err(error) = write_status(&inner, execution_id, &status).await {
                 tracing::warn!(%error, %execution_id, "could not record the script's process id");
             }
-            script.wait(stop, observer).await
+            script.wait(stop.clone(), observer).await
         }
     };
-    record_finished(&inner, execution_id, end).await;
+
+    // Output is uploaded only for a script that ran, and not when the agent stops or the
+    // server no longer wants the execution.
+    let mut pending_uploads = Vec::new();
+    if end.started_at.is_some() {
+        if execute.output_blob_uri.is_some() {
+            pending_uploads.push(Stream::Stdout);
+        }
+        if execute.error_blob_uri.is_some() {
+            pending_uploads.push(Stream::Stderr);
+        }
+    }
+    let stopping = matches!(
+        stop_reason(&inner, execution_id),
+        Some(StopReason::Forget | StopReason::Shutdown)
+    );
+    if pending_uploads.is_empty() || stopping {
+        record_finished(&inner, execution_id, end).await;
+        return;
+    }
+    // The end is recorded before the uploads, so that an agent that dies while uploading
+    // neither runs the script again nor loses how it ended: the restarted agent finishes the
+    // uploads left.
+    status.set_result(&end.into_finished(execution_id));
+    status.pending_uploads = pending_uploads;
+    if let Err(error) = write_status(&inner, execution_id, &status).await {
+        tracing::warn!(%error, %execution_id, "could not record the end of a script before uploading its output");
+    }
+    upload_outputs(&inner, execution_id, &execute, status, stop).await;
+}
+
+/// Uploads each stream in `status.pending_uploads` to its blob URI, recording each one done in
+/// the journal, then finishes the execution. A failed upload does not change the outcome: it
+/// sets `OutputUploadFailed` and says why in the message. Returns early, leaving the rest to
+/// the next start, when the agent shuts down.
+async fn upload_outputs(
+    inner: &Inner,
+    execution_id: Uuid,
+    execute: &Execute,
+    mut status: Status,
+    mut stop: watch::Receiver<bool>,
+) {
+    let paths = inner.journal.output_paths(execution_id);
+    while let Some(&stream) = status.pending_uploads.first() {
+        let (uri, path, length) = match stream {
+            Stream::Stdout => (&execute.output_blob_uri, &paths.stdout, status.stdout_bytes),
+            Stream::Stderr => (&execute.error_blob_uri, &paths.stderr, status.stderr_bytes),
+        };
+        if let Some(uri) = uri {
+            let uploading = transfer::upload_file(&inner.http, uri, path, length);
+            let uploaded = tokio::select! {
+                uploaded = uploading => uploaded,
+                reason = abandoned(inner, execution_id, &mut stop) => {
+                    if reason == StopReason::Forget {
+                        record(inner, execution_id, status.result(execution_id)).await;
+                    }
+                    return;
+                }
+            };
+            if let Err(reason) = uploaded {
+                let failure = format!(
+                    "uploading {} to {}: {reason}",
+                    stream.as_str(),
+                    transfer::redact(uri)
+                );
+                tracing::warn!(%execution_id, "{failure}");
+                add_upload_failure(&mut status, failure);
+            }
+        }
+        status.pending_uploads.remove(0);
+        if !status.pending_uploads.is_empty()
+            && let Err(error) = write_status(inner, execution_id, &status).await
+        {
+            tracing::warn!(%error, %execution_id, "could not record an output upload");
+        }
+    }
+    record(inner, execution_id, status.result(execution_id)).await;
+}
+
+/// Adds a failed upload to the result: the outcome stays, the message says what failed.
+fn add_upload_failure(status: &mut Status, failure: String) {
+    status.message = Some(match status.message.take() {
+        Some(message) => format!("{message}; {failure}"),
+        None => failure,
+    });
+    status
+        .error_code
+        .get_or_insert_with(|| ErrorCode::OutputUploadFailed.as_str().to_string());
+}
+
+/// Resolves when an uploading execution must stop: the agent shuts down or the server forgot
+/// it. A cancel does not stop it: the script is already over.
+async fn abandoned(
+    inner: &Inner,
+    execution_id: Uuid,
+    stop: &mut watch::Receiver<bool>,
+) -> StopReason {
+    let forgotten = async {
+        // Each turn follows a change of `stop`, which happens once per cancel, forget or
+        // shutdown.
+        loop {
+            if stop_reason(inner, execution_id) == Some(StopReason::Forget) {
+                return;
+            }
+            if stop.changed().await.is_err() {
+                // Nothing can forget it any more.
+                return std::future::pending().await;
+            }
+        }
+    };
+    let mut shutdown = inner.shutdown.subscribe();
+    tokio::select! {
+        () = forgotten => StopReason::Forget,
+        _ = shutdown.wait_for(|down| *down) => StopReason::Shutdown,
+    }
+}
+
+/// Resolves once `stop` is true; never, if its sender is gone without asking.
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn stop_reason(inner: &Inner, execution_id: Uuid) -> Option<StopReason> {
+    inner
+        .state()
+        .held
+        .get(&execution_id)
+        .and_then(|entry| entry.stop_reason)
+}
+
+fn canceled_before_start() -> ExecutionEnd {
+    ExecutionEnd {
+        outcome: Outcome::Canceled,
+        message: Some("canceled before it started".to_string()),
+        ..ExecutionEnd::not_started(String::new())
+    }
 }
 
 async fn write_status(
@@ -557,32 +819,30 @@ async fn write_status(
 }
 
 /// Records how an execution ended, then publishes it; a forgotten execution is deleted instead.
+/// One the agent stopped because it is shutting down is interrupted.
 async fn record_finished(inner: &Inner, execution_id: Uuid, mut end: ExecutionEnd) {
-    let reason = inner
-        .state()
-        .held
-        .get(&execution_id)
-        .and_then(|entry| entry.stop_reason);
-    match reason {
-        Some(StopReason::Forget) => {
-            inner.state().held.remove(&execution_id);
-            remove_entry(inner, execution_id).await;
-            return;
-        }
-        Some(StopReason::Shutdown) => {
-            end.outcome = Outcome::Interrupted;
-            end.message = Some(SHUTDOWN_MESSAGE.to_string());
-        }
-        Some(StopReason::Cancel) | None => {}
+    if stop_reason(inner, execution_id) == Some(StopReason::Shutdown) {
+        end.outcome = Outcome::Interrupted;
+        end.message = Some(SHUTDOWN_MESSAGE.to_string());
     }
-    let finished = end.into_finished(execution_id);
+    record(inner, execution_id, end.into_finished(execution_id)).await;
+}
+
+/// Records a result in the journal, then publishes it; a forgotten execution is deleted
+/// instead.
+async fn record(inner: &Inner, execution_id: Uuid, finished: Finished) {
+    if stop_reason(inner, execution_id) == Some(StopReason::Forget) {
+        inner.state().held.remove(&execution_id);
+        remove_entry(inner, execution_id).await;
+        return;
+    }
     let mut status = Status::queued();
     status.set_finished(&finished);
     // Written before it is published: once the server sees Finished it may Ack and delete.
     if let Err(error) = write_status(inner, execution_id, &status).await {
         tracing::warn!(%error, %execution_id, "could not record how an execution ended");
     }
-    tracing::info!(%execution_id, outcome = ?finished.outcome, exit_code = ?finished.exit_code, "execution finished");
+    tracing::info!(%execution_id, outcome = ?finished.outcome, exit_code = ?finished.exit_code, error_code = ?finished.error_code, "execution finished");
     let state = inner.state();
     if let Some(entry) = state.held.get(&execution_id) {
         entry.progress.send_modify(|progress| {
@@ -605,3 +865,5 @@ async fn remove_entry(inner: &Inner, execution_id: Uuid) {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transfer_tests;

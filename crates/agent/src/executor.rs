@@ -21,6 +21,10 @@ use tokio::time::Instant;
 
 use crate::journal::OutputPaths;
 
+mod interpreter;
+
+use interpreter::Launch;
+
 /// Interpreters an agent looks for on its PATH and reports to the server.
 pub(crate) const KNOWN_INTERPRETERS: [&str; 7] =
     ["bash", "sh", "python3", "python", "pwsh", "perl", "node"];
@@ -50,12 +54,34 @@ pub(crate) struct StreamTotals {
 /// Told after every append to an output file, with the stream's total kept length.
 pub(crate) type OutputObserver = Arc<dyn Fn(Stream, u64) + Send + Sync>;
 
+/// A stable name for why an execution failed without running its script, or for what went
+/// wrong after it: `Finished.error_code` on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorCode {
+    InterpreterNotFound,
+    ScriptDownloadFailed,
+    ScriptChecksumMismatch,
+    OutputUploadFailed,
+}
+
+impl ErrorCode {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InterpreterNotFound => "InterpreterNotFound",
+            ErrorCode::ScriptDownloadFailed => "ScriptDownloadFailed",
+            ErrorCode::ScriptChecksumMismatch => "ScriptChecksumMismatch",
+            ErrorCode::OutputUploadFailed => "OutputUploadFailed",
+        }
+    }
+}
+
 /// How an execution ended.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ExecutionEnd {
     pub(crate) outcome: Outcome,
     pub(crate) exit_code: Option<i32>,
     pub(crate) message: Option<String>,
+    pub(crate) error_code: Option<ErrorCode>,
     pub(crate) started_at: Option<i64>,
     pub(crate) finished_at: i64,
     pub(crate) stdout: StreamTotals,
@@ -69,10 +95,19 @@ impl ExecutionEnd {
             outcome: Outcome::Failed,
             exit_code: None,
             message: Some(message),
+            error_code: None,
             started_at: None,
             finished_at: now_millis(),
             stdout: StreamTotals::default(),
             stderr: StreamTotals::default(),
+        }
+    }
+
+    /// An execution that failed before its script ran, for a reason with a name.
+    pub(crate) fn failed(error_code: ErrorCode, message: String) -> Self {
+        Self {
+            error_code: Some(error_code),
+            ..Self::not_started(message)
         }
     }
 
@@ -88,7 +123,7 @@ impl ExecutionEnd {
             stderr_bytes: self.stderr.kept,
             stdout_dropped: self.stdout.dropped,
             stderr_dropped: self.stderr.dropped,
-            error_code: None,
+            error_code: self.error_code.map(|code| code.as_str().to_string()),
         }
     }
 }
@@ -133,7 +168,7 @@ pub(crate) struct RunningScript {
     output_cap: u64,
 }
 
-/// Runs `execute` to its end: `start` then `wait`.
+/// Runs `execute` (its inline script) to its end: `start` then `wait`.
 #[cfg(test)]
 pub(crate) async fn run(
     execute: &Execute,
@@ -141,21 +176,23 @@ pub(crate) async fn run(
     stop: watch::Receiver<bool>,
     observer: OutputObserver,
 ) -> ExecutionEnd {
-    match start(execute, placement).await {
+    match start(execute, execute.script.clone().into_bytes(), placement).await {
         Ok(script) => script.wait(stop, observer).await,
         Err(end) => end,
     }
 }
 
-/// Prepares the work directory and spawns the script. An execution that cannot start comes
-/// back as its (failed) end. Its output waits in the pipes until `wait` reads it, so that the
-/// caller can announce the start before any output.
+/// Prepares the work directory, writes `script` (the inline script, or the one downloaded
+/// from `script_uri`) into it and spawns it. An execution that cannot start comes back as its
+/// (failed) end. Its output waits in the pipes until `wait` reads it, so that the caller can
+/// announce the start before any output.
 pub(crate) async fn start(
     execute: &Execute,
+    script: Vec<u8>,
     placement: &Placement,
 ) -> Result<RunningScript, ExecutionEnd> {
     let work_dir = placement.work_root.join(execute.execution_id.to_string());
-    let started = prepare_and_spawn(execute, placement, &work_dir).await;
+    let started = prepare_and_spawn(execute, script, placement, &work_dir).await;
     if started.is_err() {
         remove_work_dir(work_dir).await;
     }
@@ -164,10 +201,22 @@ pub(crate) async fn start(
 
 async fn prepare_and_spawn(
     execute: &Execute,
+    script: Vec<u8>,
     placement: &Placement,
     work_dir: &Path,
 ) -> Result<RunningScript, ExecutionEnd> {
-    let script_path = write_script(work_dir.to_path_buf(), execute.script.clone())
+    // Interpreters are looked for on the PATH the script will have, as `#!/usr/bin/env` does.
+    let search_path = execute
+        .env
+        .get("PATH")
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("PATH"));
+    let launch = interpreter::choose(execute.interpreter.as_deref(), &script, &|name| {
+        find_program_on(name, search_path.as_deref())
+    })
+    .map_err(|message| ExecutionEnd::failed(ErrorCode::InterpreterNotFound, message))?;
+
+    let script_path = write_script(work_dir.to_path_buf(), script, launch.script_file_name())
         .await
         .map_err(|error| {
             ExecutionEnd::not_started(format!(
@@ -176,26 +225,11 @@ async fn prepare_and_spawn(
             ))
         })?;
 
-    let mut command = match &execute.interpreter {
-        Some(name) => {
-            let Some(program) = find_program(name) else {
-                return Err(ExecutionEnd::not_started(format!(
-                    "interpreter `{name}` is not installed on this machine"
-                )));
-            };
+    let mut command = match launch {
+        Launch::Itself => Command::new(&script_path),
+        Launch::With { program, args, .. } => {
             let mut command = Command::new(program);
-            command.arg(&script_path);
-            command
-        }
-        None if execute.script.starts_with("#!") => Command::new(&script_path),
-        None => {
-            let Some(shell) = find_program("bash").or_else(|| find_program("sh")) else {
-                return Err(ExecutionEnd::not_started(
-                    "neither bash nor sh is installed on this machine".to_string(),
-                ));
-            };
-            let mut command = Command::new(shell);
-            command.arg(&script_path);
+            command.args(args).arg(&script_path);
             command
         }
     };
@@ -348,6 +382,7 @@ impl RunningScript {
             outcome,
             exit_code,
             message,
+            error_code: None,
             started_at: Some(self.started_at),
             finished_at: now_millis(),
             stdout,
@@ -536,12 +571,19 @@ fn describe_duration(duration: Duration) -> String {
 
 /// Finds a program by name on the agent's PATH, or checks a path given with a slash.
 pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
+    find_program_on(name, std::env::var_os("PATH").as_deref())
+}
+
+/// Finds a program by name on `search_path`, or checks a path given with a slash.
+fn find_program_on(name: &str, search_path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
     if name.contains('/') {
         let path = PathBuf::from(name);
         return is_executable(&path).then_some(path);
     }
-    let search = std::env::var_os("PATH")?;
-    std::env::split_paths(&search)
+    if name.is_empty() {
+        return None;
+    }
+    std::env::split_paths(search_path?)
         .map(|dir| dir.join(name))
         .find(|candidate| is_executable(candidate))
 }
@@ -552,21 +594,25 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Creates a fresh `<work_root>/<execution_id>/` and writes the script there as `script`
+/// Creates a fresh `<work_root>/<execution_id>/` and writes the script there as `file_name`
 /// (mode 0700). Returns the script's path.
-async fn write_script(work_dir: PathBuf, script: String) -> io::Result<PathBuf> {
+async fn write_script(
+    work_dir: PathBuf,
+    script: Vec<u8>,
+    file_name: &'static str,
+) -> io::Result<PathBuf> {
     let blocking = tokio::task::spawn_blocking(move || {
         if work_dir.exists() {
             fs::remove_dir_all(&work_dir)?;
         }
         fs::create_dir_all(&work_dir)?;
-        let path = work_dir.join("script");
+        let path = work_dir.join(file_name);
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o700)
             .open(&path)?;
-        io::Write::write_all(&mut file, script.as_bytes())?;
+        io::Write::write_all(&mut file, &script)?;
         // Closed here, before any spawn, so that this process holds no writer of the file.
         drop(file);
         Ok(path)

@@ -5,7 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use proto::agent::{Execute, HeldPhase, Outcome};
+use proto::agent::{Execute, HeldPhase, Outcome, Stream};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -64,6 +64,14 @@ pub(crate) struct Status {
     pub(crate) stdout_dropped: u64,
     #[serde(default)]
     pub(crate) stderr_dropped: u64,
+    /// `Finished.error_code`.
+    #[serde(default)]
+    pub(crate) error_code: Option<String>,
+    /// Streams still to upload to their blob URIs. While the phase is `Running` and an outcome
+    /// is recorded, the script is over and only these uploads remain: a restarted agent
+    /// finishes them instead of calling the execution interrupted.
+    #[serde(default)]
+    pub(crate) pending_uploads: Vec<Stream>,
 }
 
 impl Status {
@@ -81,7 +89,14 @@ impl Status {
             stderr_bytes: 0,
             stdout_dropped: 0,
             stderr_dropped: 0,
+            error_code: None,
+            pending_uploads: Vec::new(),
         }
+    }
+
+    /// Whether the script is over and only the uploads of its output remain.
+    pub(crate) fn is_uploading(&self) -> bool {
+        self.phase == HeldPhase::Running && self.outcome.is_some()
     }
 
     /// The result as the protocol sends it, once the execution is finished.
@@ -89,7 +104,13 @@ impl Status {
         if self.phase != HeldPhase::Finished {
             return None;
         }
-        Some(proto::agent::Finished {
+        Some(self.result(execution_id))
+    }
+
+    /// The result recorded so far (for an execution that is uploading its output, the result
+    /// before the uploads).
+    pub(crate) fn result(&self, execution_id: Uuid) -> proto::agent::Finished {
+        proto::agent::Finished {
             execution_id,
             outcome: self.outcome.unwrap_or(Outcome::Interrupted),
             exit_code: self.exit_code,
@@ -100,12 +121,19 @@ impl Status {
             stderr_bytes: self.stderr_bytes,
             stdout_dropped: self.stdout_dropped,
             stderr_dropped: self.stderr_dropped,
-            error_code: None,
-        })
+            error_code: self.error_code.clone(),
+        }
     }
 
     pub(crate) fn set_finished(&mut self, finished: &proto::agent::Finished) {
+        self.set_result(finished);
         self.phase = HeldPhase::Finished;
+        self.pending_uploads.clear();
+    }
+
+    /// Records how the script ended, keeping the phase: with `pending_uploads` set and the
+    /// phase `Running`, the execution is uploading its output.
+    pub(crate) fn set_result(&mut self, finished: &proto::agent::Finished) {
         self.outcome = Some(finished.outcome);
         self.exit_code = finished.exit_code;
         self.message = finished.message.clone();
@@ -115,6 +143,7 @@ impl Status {
         self.stderr_bytes = finished.stderr_bytes;
         self.stdout_dropped = finished.stdout_dropped;
         self.stderr_dropped = finished.stderr_dropped;
+        self.error_code = finished.error_code.clone();
     }
 }
 

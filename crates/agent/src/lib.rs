@@ -7,6 +7,7 @@ mod executor;
 mod journal;
 #[cfg(test)]
 mod test_support;
+mod transfer;
 
 use std::collections::BTreeMap;
 use std::future::Future;

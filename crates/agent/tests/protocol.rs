@@ -291,6 +291,19 @@ impl RunningAgent {
             .expect("no panic")
     }
 
+    /// Stops the agent cleanly and starts another on the same state directory.
+    async fn restart(mut self, url: &str) -> Self {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(LIMIT, &mut self.task)
+            .await
+            .expect("the agent stops in time")
+            .expect("no panic")
+            .expect("a clean stop");
+        RunningAgent::start(url, None, self.state)
+    }
+
     async fn outcome(self) -> anyhow::Result<()> {
         tokio::time::timeout(LIMIT, self.task)
             .await
@@ -477,6 +490,104 @@ async fn a_reconnect_resumes_output_and_forgets_what_the_server_dropped() {
         !agent.journal_entry(dropped_id).exists()
     })
     .await;
+
+    agent.stop().await.expect("a clean stop");
+}
+
+/// Whether `name` is an executable file on this process's PATH, found independently of the
+/// agent.
+fn on_path(name: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(name))
+            .is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
+    })
+}
+
+#[tokio::test]
+async fn error_codes_reach_the_server_and_survive_a_restart() {
+    let mut server = FakeServer::start().await;
+    let agent = RunningAgent::start(&server.url, Some(ENROLL_TOKEN), state_dir());
+    let mut connection = server.connection().await;
+    let hello = connection.hello().await;
+    for name in ["bash", "python3", "pwsh"] {
+        assert_eq!(
+            hello.interpreters.iter().any(|found| found == name),
+            on_path(name),
+            "{name} in {:?}",
+            hello.interpreters
+        );
+    }
+    connection.send(ServerMessage::Welcome {
+        machine_id: Uuid::now_v7(),
+        resume: Vec::new(),
+    });
+
+    let mut windows = execute("dir");
+    windows.interpreter = Some("cmd".to_string());
+    // The fake server answers 404 for a path it does not serve.
+    let mut missing = execute("");
+    missing.script_uri = Some(format!("{}/scripts/absent.sh?sig=SECRET", server.url));
+    let mut expected = BTreeMap::new();
+    for (work, code) in [
+        (windows, "InterpreterNotFound"),
+        (missing, "ScriptDownloadFailed"),
+    ] {
+        let id = work.execution_id;
+        connection.send(ServerMessage::Execute(Box::new(work)));
+        let (_, finished) = connection.until_finished(id).await;
+        assert_eq!(
+            (
+                finished.outcome,
+                finished.exit_code,
+                finished.error_code.as_deref()
+            ),
+            (Outcome::Failed, None, Some(code)),
+            "{:?}",
+            finished.message
+        );
+        expected.insert(id, finished);
+    }
+    assert!(
+        expected
+            .values()
+            .any(|finished| finished
+                .message
+                .as_deref()
+                .is_some_and(|message| message.ends_with(": HTTP 404 Not Found")
+                    && !message.contains("SECRET"))),
+        "{expected:?}"
+    );
+
+    // Never acknowledged: a restarted agent sends the same results again.
+    drop(connection);
+    let agent = agent.restart(&server.url).await;
+    let mut connection = server.connection().await;
+    let hello = connection.hello().await;
+    assert_eq!(hello.held.len(), 2);
+    connection.send(ServerMessage::Welcome {
+        machine_id: Uuid::now_v7(),
+        resume: expected
+            .keys()
+            .map(|id| Resume {
+                execution_id: *id,
+                stdout_offset: 0,
+                stderr_offset: 0,
+                cancel: false,
+            })
+            .collect(),
+    });
+    let mut resent = BTreeMap::new();
+    // Bounded: the two results, and whatever else comes first.
+    for _ in 0..16 {
+        if resent.len() == expected.len() {
+            break;
+        }
+        if let AgentMessage::Finished(finished) = connection.recv().await {
+            resent.insert(finished.execution_id, finished);
+        }
+    }
+    assert_eq!(resent, expected);
 
     agent.stop().await.expect("a clean stop");
 }

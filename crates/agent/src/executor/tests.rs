@@ -74,6 +74,14 @@ fn stdout_watch() -> (OutputObserver, watch::Receiver<u64>) {
     (observer, receiver)
 }
 
+/// `start` with the execution's inline script.
+async fn start_inline(
+    execute: &Execute,
+    placement: &Placement,
+) -> Result<RunningScript, ExecutionEnd> {
+    start(execute, execute.script.clone().into_bytes(), placement).await
+}
+
 fn pgid_of(script: &RunningScript) -> i32 {
     i32::try_from(script.pid()).expect("pid fits")
 }
@@ -236,9 +244,17 @@ async fn a_missing_working_directory_fails_by_name() {
 #[tokio::test]
 async fn a_shebang_line_picks_the_interpreter() {
     let harness = Harness::new(Duration::from_secs(1));
-    let (end, stdout, _) = harness.run(&execute("#!/bin/sh\necho from sh\n")).await;
+    // `$0` is the script itself, and /proc says which program runs it.
+    let (end, stdout, _) = harness
+        .run(&execute(
+            "#!/bin/sh\necho from sh; basename \"$0\"; readlink /proc/$$/exe\n",
+        ))
+        .await;
     assert_eq!(end.outcome, Outcome::Succeeded, "{:?}", end.message);
-    assert_eq!(stdout, "from sh\n");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[..2], ["from sh", "script"]);
+    let sh = fs::canonicalize("/bin/sh").expect("/bin/sh exists");
+    assert_eq!(Path::new(lines[2]), sh, "run by /bin/sh");
     // The kernel runs the script file itself: with `#!/bin/cat` the output is the script.
     let cat = "#!/bin/cat\nthis line is data, not a command\n";
     let (end, stdout, _) = harness.run(&execute(cat)).await;
@@ -254,33 +270,92 @@ async fn a_shebang_line_picks_the_interpreter() {
 #[tokio::test]
 async fn a_spawn_failure_reports_the_os_error() {
     let harness = Harness::new(Duration::from_secs(1));
-    let (end, _, _) = harness
-        .run(&execute("#!/no/such/interpreter\necho never\n"))
-        .await;
+    // One environment string over the kernel's 128 KiB limit makes execve fail with E2BIG.
+    let mut too_big = execute("echo never");
+    too_big.env.insert("HUGE".to_string(), "x".repeat(200_000));
+    let (end, _, _) = harness.run(&too_big).await;
     assert_eq!(
-        (end.outcome, end.exit_code, end.started_at),
-        (Outcome::Failed, None, None)
+        (end.outcome, end.exit_code, end.started_at, end.error_code),
+        (Outcome::Failed, None, None, None)
     );
     let message = end.message.unwrap_or_default();
     assert!(
         message.starts_with("could not start the script: "),
         "{message}"
     );
-    assert!(message.contains("No such file or directory"), "{message}");
+    assert!(message.contains("Argument list too long"), "{message}");
+}
+
+/// Asserts that `end` failed at once, without starting, for want of an interpreter, and
+/// returns its message.
+fn interpreter_not_found(end: &ExecutionEnd) -> String {
+    assert_eq!(
+        (end.outcome, end.exit_code, end.started_at, end.error_code),
+        (
+            Outcome::Failed,
+            None,
+            None,
+            Some(ErrorCode::InterpreterNotFound)
+        ),
+        "{:?}",
+        end.message
+    );
+    end.message.clone().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_missing_shebang_interpreter_is_named() {
+    let harness = Harness::new(Duration::from_secs(1));
+    let (end, _, _) = harness
+        .run(&execute("#!/no/such/interpreter\necho never\n"))
+        .await;
+    assert_eq!(
+        interpreter_not_found(&end),
+        "the script's `#!` line names `/no/such/interpreter`, which is not installed on this \
+         machine"
+    );
+    let (end, _, _) = harness
+        .run(&execute(
+            "#!/usr/bin/env no-such-interpreter-here\necho never\n",
+        ))
+        .await;
+    assert!(
+        interpreter_not_found(&end).contains("`no-such-interpreter-here`"),
+        "{:?}",
+        end.message
+    );
 }
 
 #[tokio::test]
 async fn an_explicit_interpreter_runs_the_script() {
-    if find_program("python3").is_none() {
-        eprintln!("skipped: python3 is not installed on this machine");
-        return;
-    }
     let harness = Harness::new(Duration::from_secs(1));
     let mut python = execute("import sys\nsys.stdout.write('from python')\nsys.exit(4)\n");
     python.interpreter = Some("python3".to_string());
-    let (end, stdout, _) = harness.run(&python).await;
-    assert_eq!((end.outcome, end.exit_code), (Outcome::Failed, Some(4)));
+    let (end, stdout, stderr) = harness.run(&python).await;
+    if find_program("python3").is_none() {
+        eprintln!("python3 is not installed here: checking that it is reported as missing");
+        assert_eq!(
+            interpreter_not_found(&end),
+            "interpreter `python3` is not installed on this machine"
+        );
+        return;
+    }
+    assert_eq!(
+        (end.outcome, end.exit_code),
+        (Outcome::Failed, Some(4)),
+        "{stderr}"
+    );
     assert_eq!(stdout, "from python");
+
+    let mut sh = execute("#!/no/such/interpreter\necho \"$0\"");
+    sh.interpreter = Some("sh".to_string());
+    let (end, stdout, _) = harness.run(&sh).await;
+    assert_eq!(
+        end.outcome,
+        Outcome::Succeeded,
+        "the named one beats the #! line"
+    );
+    assert!(stdout.trim_end().ends_with("/script"), "{stdout}");
 }
 
 #[tokio::test]
@@ -290,13 +365,86 @@ async fn a_missing_interpreter_fails_without_starting() {
     missing.interpreter = Some("no-such-interpreter-here".to_string());
     let (end, _, _) = harness.run(&missing).await;
     assert_eq!(
-        (end.outcome, end.exit_code, end.started_at),
-        (Outcome::Failed, None, None)
+        interpreter_not_found(&end),
+        "interpreter `no-such-interpreter-here` is not installed on this machine"
     );
-    assert_eq!(
-        end.message.as_deref(),
-        Some("interpreter `no-such-interpreter-here` is not installed on this machine")
+}
+
+#[tokio::test]
+async fn windows_interpreters_are_not_found_elsewhere() {
+    let harness = Harness::new(Duration::from_secs(1));
+    for name in ["cmd", "powershell"] {
+        let mut windows = execute("echo never");
+        windows.interpreter = Some(name.to_string());
+        let (end, _, _) = harness.run(&windows).await;
+        assert_eq!(
+            interpreter_not_found(&end),
+            format!(
+                "interpreter `{name}` is Windows-only and this machine runs {}",
+                std::env::consts::OS
+            )
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_ps1_first_line_asks_for_powershell() {
+    let harness = Harness::new(Duration::from_secs(1));
+    let script = "#ps1\nWrite-Output \"from pwsh $(Split-Path -Leaf $PSCommandPath)\"\n";
+    let (end, stdout, stderr) = harness.run(&execute(script)).await;
+    if find_program("pwsh").is_none() {
+        eprintln!("pwsh is not installed here: checking that it is reported as missing");
+        assert_eq!(
+            interpreter_not_found(&end),
+            "the script's first line `#ps1` asks for PowerShell, but `pwsh` is not installed \
+             on this machine"
+        );
+        return;
+    }
+    assert_eq!(end.outcome, Outcome::Succeeded, "{stderr}");
+    assert_eq!(stdout.trim_end(), "from pwsh script.ps1");
+}
+
+#[tokio::test]
+async fn powershell_gets_its_flags_and_a_ps1_file() {
+    // A stand-in `pwsh` first on the script's PATH prints how it was called, so the command
+    // line is checked whether or not PowerShell is installed here.
+    let bin = tempfile::tempdir().expect("tempdir");
+    let fake = bin.path().join("pwsh");
+    fs::write(
+        &fake,
+        "#!/bin/sh\nfor arg in \"$@\"; do echo \"$arg\"; done\nhead -n 1 \"$4\"\n",
+    )
+    .expect("stand-in written");
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).expect("executable");
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
     );
+
+    let harness = Harness::new(Duration::from_secs(1));
+    let mut by_first_line = execute("#ps1\nWrite-Output hi\n");
+    by_first_line.env.insert("PATH".to_string(), path.clone());
+    let mut by_name = execute("Write-Output hi\n");
+    by_name.interpreter = Some("pwsh".to_string());
+    by_name.env.insert("PATH".to_string(), path);
+    for powershell in [by_first_line, by_name] {
+        let (end, stdout, stderr) = harness.run(&powershell).await;
+        assert_eq!(end.outcome, Outcome::Succeeded, "{stderr}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 5, "{stdout}");
+        assert_eq!(lines[..3], ["-NoProfile", "-NonInteractive", "-File"]);
+        let work_dir = harness
+            .placement
+            .work_root
+            .join(powershell.execution_id.to_string());
+        assert_eq!(Path::new(lines[3]), work_dir.join("script.ps1"));
+        assert_eq!(
+            lines[4],
+            powershell.script.lines().next().unwrap_or_default()
+        );
+    }
 }
 
 #[tokio::test]
@@ -305,7 +453,9 @@ async fn a_timeout_stops_the_whole_process_group() {
     let mut slow = execute("sleep 300 & echo started; sleep 300");
     slow.timeout_ms = 1000;
     let (observer, mut stdout_length) = stdout_watch();
-    let script = start(&slow, &harness.placement).await.expect("starts");
+    let script = start_inline(&slow, &harness.placement)
+        .await
+        .expect("starts");
     let pgid = pgid_of(&script);
     let (_stop, stop_watch) = watch::channel(false);
     let waiting = tokio::spawn(script.wait(stop_watch, observer));
@@ -349,7 +499,9 @@ async fn cancel_stops_a_script_that_ignores_sigterm() {
     // An ignored signal stays ignored across exec, so the sleep ignores SIGTERM too.
     let stubborn = execute("trap '' TERM; sleep 300 & echo ready; sleep 300");
     let (observer, mut stdout_length) = stdout_watch();
-    let script = start(&stubborn, &harness.placement).await.expect("starts");
+    let script = start_inline(&stubborn, &harness.placement)
+        .await
+        .expect("starts");
     let pgid = pgid_of(&script);
     let (stop, stop_watch) = watch::channel(false);
     let waiting = tokio::spawn(script.wait(stop_watch, observer));
@@ -379,7 +531,7 @@ async fn cancel_stops_a_script_that_ignores_sigterm() {
 #[tokio::test]
 async fn leftovers_do_not_hold_up_a_finished_script() {
     let harness = Harness::new(Duration::from_secs(2));
-    let script = start(
+    let script = start_inline(
         &execute("sleep 300 & echo main is done"),
         &harness.placement,
     )
