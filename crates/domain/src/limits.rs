@@ -16,8 +16,10 @@ pub struct Limits {
     pub default_delivery_timeout: Duration,
     /// Longest execution timeout or delivery timeout a run may ask for.
     pub max_timeout: Duration,
-    /// Most parameters, environment variables, and targets named by id or name, per run.
+    /// Most parameters, and most environment variables, per run.
     pub max_parameters: usize,
+    /// Most machines a run may name one by one (selectors and `all` have no limit).
+    pub max_named_targets: usize,
     pub max_parameter_value_bytes: usize,
 }
 
@@ -35,6 +37,7 @@ impl Default for Limits {
             default_delivery_timeout: Duration::from_secs(600),
             max_timeout: Duration::from_secs(7 * 86400),
             max_parameters: 256,
+            max_named_targets: 100_000,
             max_parameter_value_bytes: 64 << 10,
         }
     }

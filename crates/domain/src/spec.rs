@@ -127,6 +127,17 @@ impl RunRequest {
     /// Checks every field against `limits` and returns the targets and the spec, or the first
     /// problem found.
     pub fn validate(self, limits: &Limits) -> Result<(Targets, RunSpec), ValidationError> {
+        if self.machines.len() > limits.max_named_targets {
+            return Err(ValidationError::new(
+                "TooManyTargets",
+                "targets.machines",
+                format!(
+                    "{} machines named, at most {} allowed: use a label selector for more",
+                    self.machines.len(),
+                    limits.max_named_targets
+                ),
+            ));
+        }
         let targets = self.targets()?;
 
         match (&self.script_uri, self.script.trim().is_empty()) {

@@ -68,6 +68,8 @@ pub(crate) fn settled(state: &AppState, outcome: Outcome) {
         state.events.publish(Event::RunDone { run_id });
     }
     if !outcome.released.is_empty() {
+        // Released executions bring delivery deadlines of their own.
+        state.deadlines_changed.notify_one();
         // Delivery waits on agents' queues; it must never hold up the caller (the group
         // commit writer among them).
         tokio::spawn(deliver(state.clone(), outcome.released));
@@ -84,7 +86,7 @@ async fn deliver(state: AppState, executions: Vec<ExecutionRecord>) {
         };
         let run = match runs.entry(execution.run_id) {
             Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => entry.insert(match state.store.get_run(execution.run_id).await {
+            Entry::Vacant(entry) => entry.insert(match state.store.get_run_spec(execution.run_id).await {
                 Ok(run) => run,
                 Err(error) => {
                     tracing::error!(run = %execution.run_id, %error, "reading a run to deliver it");
@@ -96,8 +98,7 @@ async fn deliver(state: AppState, executions: Vec<ExecutionRecord>) {
             continue;
         };
         if let Some(message) = execute_message(&state, run, execution.id) {
-            // A closed link means the agent just went away; it gets the execution on reconnect.
-            let _ = link.send(message).await;
+            crate::gateway::push(&link, message);
         }
     }
 }
@@ -108,11 +109,8 @@ pub(crate) async fn cancel_run(state: &AppState, run_id: RunId) -> Result<(), st
     settled(state, canceled.outcome);
     for execution in canceled.to_cancel {
         if let Some(link) = state.gateway.link(execution.machine_id) {
-            let _ = link
-                .send(ServerMessage::Cancel {
-                    execution_id: execution.id.as_uuid(),
-                })
-                .await;
+            let execution_id = execution.id.as_uuid();
+            crate::gateway::push(&link, ServerMessage::Cancel { execution_id });
         }
     }
     Ok(())

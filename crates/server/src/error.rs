@@ -123,8 +123,9 @@ impl From<JsonRejection> for ApiError {
             .strip_prefix("Failed to deserialize the JSON body into the target type: ")
             .unwrap_or(&text)
             .to_string();
-        let status = match rejection {
-            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        // 415 without a JSON content type, 413 for a body over the size limit, else 400.
+        let status = match rejection.status() {
+            status @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => status,
             _ => StatusCode::BAD_REQUEST,
         };
         let field = field_of(&detail).or_else(|| {

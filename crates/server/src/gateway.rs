@@ -42,6 +42,24 @@ struct Link {
 pub(crate) struct Gateway {
     links: Mutex<HashMap<MachineId, Link>>,
     next_connection: AtomicU64,
+    /// One session at a time per machine: a reconnecting agent's new session waits until the
+    /// old one has stopped, so that two sessions never write the same execution's output.
+    sessions: Mutex<HashMap<MachineId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Queues `message` for an agent without ever waiting: if its queue is full, a task waits
+/// instead, so that one slow agent holds up neither the caller nor the rest of the fleet.
+pub(crate) fn push(sender: &mpsc::Sender<ServerMessage>, message: ServerMessage) {
+    match sender.try_send(message) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(message)) => {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                // Closed means the agent went away; it gets its work again on reconnect.
+                let _ = sender.send(message).await;
+            });
+        }
+    }
 }
 
 impl Gateway {
@@ -51,6 +69,21 @@ impl Gateway {
         self.links
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Asks the machine's current session, if any, to stop, and waits until it has.
+    async fn take_over(&self, machine: MachineId) -> tokio::sync::OwnedMutexGuard<()> {
+        if let Some(link) = self.links().get(&machine) {
+            link.close.notify_one();
+        }
+        let lock = {
+            let mut sessions = self
+                .sessions
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            sessions.entry(machine).or_default().clone()
+        };
+        lock.lock_owned().await
     }
 
     fn register(
@@ -156,6 +189,7 @@ pub(crate) async fn session(state: AppState, machine_id: MachineId, socket: WebS
         return;
     }
 
+    let _session = state.gateway.take_over(machine_id).await;
     let close = Arc::new(Notify::new());
     let connection = state
         .gateway
@@ -241,6 +275,9 @@ impl Conversation {
         let mut nonce = 0u64;
         loop {
             tokio::select! {
+                // A newer session of this machine is waiting: stop before reading anything more.
+                biased;
+                _ = close.notified() => return Ok(()),
                 frame = stream.next() => {
                     let bytes = match frame {
                         Some(Ok(Message::Binary(bytes))) => bytes,
@@ -264,16 +301,16 @@ impl Conversation {
                         return Err(SessionError::Protocol("agent silent for too long".into()));
                     }
                     nonce += 1;
-                    self.send(ServerMessage::Ping { nonce }).await;
+                                        self.send(ServerMessage::Ping { nonce }).await;
                 }
-                _ = close.notified() => return Ok(()),
             }
         }
     }
 
+    /// Never waits: the read loop must keep reading, or an agent that is itself waiting to
+    /// send could wedge both directions.
     async fn send(&self, message: ServerMessage) {
-        // A send fails only when the writer is gone, and then the read side ends too.
-        let _ = self.sender.send(message).await;
+        push(&self.sender, message);
     }
 
     /// Records the machine's facts, settles what the agent holds against what the store
@@ -329,7 +366,32 @@ impl Conversation {
                 None => updates.push(self.lost(&execution, now).await?),
             }
         }
-        self.state.writer.apply(updates).await?;
+        let changed: std::collections::HashSet<ExecutionId> = self
+            .state
+            .writer
+            .apply(updates)
+            .await?
+            .iter()
+            .map(|execution| execution.id)
+            .collect();
+        // A held execution may have ended on the server while this was being worked out (its
+        // delivery deadline passed, the run was canceled): then the agent must drop it, which
+        // leaving it out of `resume` tells it.
+        let mut still_open = Vec::with_capacity(resume.len());
+        for entry in resume {
+            let id = ExecutionId::from(entry.execution_id);
+            let open = changed.contains(&id)
+                || store
+                    .get_execution(id)
+                    .await?
+                    .is_some_and(|execution| !execution.state.is_terminal());
+            if open {
+                still_open.push(entry);
+            } else {
+                self.known.remove(&id);
+            }
+        }
+        let resume = still_open;
         self.send(ServerMessage::Welcome {
             machine_id: self.machine_id.as_uuid(),
             resume,
@@ -337,19 +399,32 @@ impl Conversation {
         .await;
 
         let mut runs = HashMap::new();
+        let mut backlog = Vec::new();
         for execution in to_send {
             let run = match runs.entry(execution.run_id) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    let Some(run) = store.get_run(execution.run_id).await? else {
+                    let Some(run) = store.get_run_spec(execution.run_id).await? else {
                         continue;
                     };
                     entry.insert(run)
                 }
             };
             if let Some(message) = execute_message(&self.state, run, execution.id) {
-                self.send(message).await;
+                backlog.push(message);
             }
+        }
+        // A machine back after a long absence may have more work waiting than its queue
+        // holds: a task feeds it in order, so the read loop starts at once.
+        if !backlog.is_empty() {
+            let sender = self.sender.clone();
+            tokio::spawn(async move {
+                for message in backlog {
+                    if sender.send(message).await.is_err() {
+                        break;
+                    }
+                }
+            });
         }
         Ok(())
     }
@@ -445,6 +520,10 @@ impl Conversation {
                 tracing::warn!(machine = %self.machine_id, execution = %id, "agent named an unknown execution");
                 return Ok(None);
             };
+            if execution.state.is_terminal() {
+                tracing::warn!(machine = %self.machine_id, execution = %id, "agent sent output of an execution that is over");
+                return Ok(None);
+            }
             if execution.machine_id != self.machine_id {
                 tracing::warn!(machine = %self.machine_id, execution = %id, "agent named another machine's execution");
                 return Ok(None);
@@ -486,6 +565,7 @@ impl Conversation {
                 let id = ExecutionId::from(execution_id);
                 // Not awaited: the writer applies requests in order, so the Finished that
                 // follows cannot overtake it.
+                let at = agent_time(at);
                 self.state
                     .writer
                     .submit(vec![self.update(id, Change::Started { at })])
@@ -574,8 +654,8 @@ impl Conversation {
                 state,
                 finished.exit_code,
                 finished.message,
-                finished.started_at,
-                finished.finished_at,
+                finished.started_at.map(agent_time),
+                agent_time(finished.finished_at),
                 dropped,
                 output,
                 finished.error_code,
@@ -589,4 +669,11 @@ impl Conversation {
         self.send(ServerMessage::Ack { execution_id }).await;
         Ok(())
     }
+}
+
+/// A time an agent reported, kept within sense: its clock may be wrong, and a time past the
+/// year 9999 could not even be shown.
+fn agent_time(at: i64) -> i64 {
+    const DAY: i64 = 86_400_000;
+    at.clamp(0, now_millis() + DAY)
 }

@@ -57,6 +57,8 @@ pub trait Store: Send + Sync + 'static {
     /// are the executions to send now.
     async fn create_run(&self, run: &NewRun, executions: &[NewExecution]) -> Result<Outcome>;
     async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>>;
+    /// A run without its counts (which cost a pass over its executions): for delivering it.
+    async fn get_run_spec(&self, id: RunId) -> Result<Option<RunRecord>>;
     /// Newest first, older than `before` when given.
     async fn list_runs(&self, before: Option<RunId>, limit: u32) -> Result<Vec<RunRecord>>;
     async fn run_executions(&self, id: RunId) -> Result<Vec<ExecutionRecord>>;

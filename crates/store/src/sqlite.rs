@@ -610,6 +610,16 @@ impl Store for SqliteStore {
         Ok(self.runs_with_counts(rows).await?.into_iter().next())
     }
 
+    async fn get_run_spec(&self, id: RunId) -> Result<Option<RunRecord>> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?");
+        sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.readers)
+            .await?
+            .map(|row| run_from_row(&row, StateCounts::new(), None))
+            .transpose()
+    }
+
     async fn list_runs(&self, before: Option<RunId>, limit: u32) -> Result<Vec<RunRecord>> {
         // UUIDv7 ids sort by creation time, so the id is the cursor.
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id < ? ORDER BY id DESC LIMIT ?");

@@ -244,3 +244,36 @@ fn a_deleted_target_fails_alone_and_the_run_goes_ahead() {
     assert_eq!(status, 404, "{error}");
     assert_eq!(error["error"]["field"], "targets.machines[1]", "{error}");
 }
+
+#[test]
+fn an_execution_released_late_still_meets_its_delivery_timeout() {
+    let mut cluster = Cluster::start();
+    agents(&mut cluster, 2);
+    cluster.kill_agent("node-1");
+    cluster.wait_machine_status("node-1", "offline");
+    // One at a time: node-0 runs longer than the delivery timeout, and only then is node-1's
+    // execution released, with a deadline of its own that must still be kept.
+    let run = cluster.create_run(json!({
+        "targets": {"machines": ["node-0", "node-1"]},
+        "script": "sleep 1.5",
+        "max_concurrency": 1,
+        "delivery_timeout": "1s"
+    }));
+    let run = cluster.wait_run(run["id"].as_str().expect("id"));
+    let states: Vec<(&str, &str)> = run["executions"]
+        .as_array()
+        .expect("executions")
+        .iter()
+        .map(|e| {
+            (
+                e["machine_name"].as_str().unwrap_or(""),
+                e["state"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![("node-0", "succeeded"), ("node-1", "delivery_timed_out")],
+        "{run}"
+    );
+}

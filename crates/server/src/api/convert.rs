@@ -7,7 +7,9 @@ use proto::api;
 use store::{ExecutionRecord, MachineRecord, RunRecord};
 
 pub(crate) fn time(millis: UnixMillis) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64);
+    // 9999-12-31T23:59:59.999Z is the last time RFC 3339 can show.
+    const LAST: i64 = 253_402_300_799_999;
+    let at = UNIX_EPOCH + Duration::from_millis(millis.clamp(0, LAST) as u64);
     humantime::format_rfc3339_millis(at).to_string()
 }
 

@@ -102,8 +102,15 @@ impl Follower {
                 }) if run_id == self.id => {
                     let previous = self
                         .states
-                        .insert(execution_id, state)
+                        .get(&execution_id)
+                        .copied()
                         .unwrap_or(ExecutionState::Pending);
+                    // Events come from several tasks and a catch-up may replay old ones: only
+                    // a move forward is news.
+                    if !previous.can_become(state) {
+                        continue;
+                    }
+                    self.states.insert(execution_id, state);
                     self.queued.push_back(json_event(
                         "execution",
                         &ExecutionEvent {
@@ -119,8 +126,10 @@ impl Follower {
                     self.finish().await;
                 }
                 Some(_) => {}
-                // Missed some: start over from the store.
+                // Missed some: start over from the store, listening afresh first so that the
+                // old backlog is not replayed over the new snapshot.
                 None => {
+                    self.subscription = self.state.events.subscribe();
                     if let Err(error) = self.snapshot().await {
                         tracing::warn!(run = %self.id, ?error, "re-reading a run for its event stream");
                         return None;

@@ -42,6 +42,7 @@ async fn resolve_targets(
     match targets {
         Targets::Machines(names) => {
             let mut machines = Vec::with_capacity(names.len());
+            let mut seen = std::collections::HashSet::new();
             for (index, name) in names.iter().enumerate() {
                 let machine = resolve_any(state, name).await?.ok_or_else(|| {
                     ValidationError::new(
@@ -50,10 +51,7 @@ async fn resolve_targets(
                         format!("no machine is named or has the id `{name}`"),
                     )
                 })?;
-                if !machines
-                    .iter()
-                    .any(|known: &MachineRecord| known.id == machine.id)
-                {
+                if seen.insert(machine.id) {
                     machines.push(machine);
                 }
             }
