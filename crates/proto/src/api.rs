@@ -101,7 +101,9 @@ pub struct TargetsBody {
 #[serde(deny_unknown_fields)]
 pub struct CreateRun {
     pub targets: TargetsBody,
-    /// The script. `{{name}}` is replaced by parameter `name`.
+        /// The script. `{{name}}` is replaced by parameter `name`. Leave it out with
+    /// `script_uri`.
+    #[serde(default)]
     pub script: String,
     /// Program to run the script with. Default: the script's `#!` line, else bash, else sh.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,3 +7,4 @@ mod harness;
 mod rate;
 mod resilience;
 mod runs;
+mod sources;
