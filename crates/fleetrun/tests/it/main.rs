@@ -2,6 +2,7 @@
 //! driven as an operator would drive it. One test binary, so that it links once.
 
 mod bad_input;
+mod bench;
 mod dev;
 mod harness;
 mod rate;
