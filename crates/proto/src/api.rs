@@ -101,7 +101,7 @@ pub struct TargetsBody {
 #[serde(deny_unknown_fields)]
 pub struct CreateRun {
     pub targets: TargetsBody,
-        /// The script. `{{name}}` is replaced by parameter `name`. Leave it out with
+    /// The script. `{{name}}` is replaced by parameter `name`. Leave it out with
     /// `script_uri`.
     #[serde(default)]
     pub script: String,

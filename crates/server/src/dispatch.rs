@@ -98,7 +98,7 @@ async fn deliver(state: AppState, executions: Vec<ExecutionRecord>) {
             continue;
         };
         if let Some(message) = execute_message(&state, run, execution.id) {
-            crate::gateway::push(&link, message);
+            link.execute(execution.id, message);
         }
     }
 }
@@ -110,7 +110,7 @@ pub(crate) async fn cancel_run(state: &AppState, run_id: RunId) -> Result<(), st
     for execution in canceled.to_cancel {
         if let Some(link) = state.gateway.link(execution.machine_id) {
             let execution_id = execution.id.as_uuid();
-            crate::gateway::push(&link, ServerMessage::Cancel { execution_id });
+            crate::gateway::push(&link.sender, ServerMessage::Cancel { execution_id });
         }
     }
     Ok(())

@@ -33,8 +33,43 @@ const OUTBOX: usize = 256;
 #[derive(Clone)]
 struct Link {
     connection: u64,
-    sender: mpsc::Sender<ServerMessage>,
+    outbox: Outbox,
     close: Arc<Notify>,
+}
+
+/// What the server sends one agent connection, and the executions it sent there: an `Accepted`
+/// for one of those is proof enough that the execution is this machine's, with no read of the
+/// store on the fan-out's hot path.
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    pub(crate) sender: mpsc::Sender<ServerMessage>,
+    sent: Arc<Mutex<std::collections::HashSet<ExecutionId>>>,
+}
+
+impl Outbox {
+    fn new(sender: mpsc::Sender<ServerMessage>) -> Self {
+        Self {
+            sender,
+            sent: Arc::default(),
+        }
+    }
+
+    /// Queues an `Execute` for `execution`, remembering that it went to this connection.
+    pub(crate) fn execute(&self, execution: ExecutionId, message: ServerMessage) {
+        self.sent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(execution);
+        push(&self.sender, message);
+    }
+
+    /// Whether `execution` was sent on this connection (forgetting it).
+    fn take_sent(&self, execution: ExecutionId) -> bool {
+        self.sent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&execution)
+    }
 }
 
 /// Who is connected, by machine.
@@ -86,16 +121,11 @@ impl Gateway {
         lock.lock_owned().await
     }
 
-    fn register(
-        &self,
-        machine: MachineId,
-        sender: mpsc::Sender<ServerMessage>,
-        close: Arc<Notify>,
-    ) -> u64 {
+    fn register(&self, machine: MachineId, outbox: Outbox, close: Arc<Notify>) -> u64 {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let link = Link {
             connection,
-            sender,
+            outbox,
             close,
         };
         if let Some(old) = self.links().insert(machine, link) {
@@ -115,8 +145,8 @@ impl Gateway {
         }
     }
 
-    pub(crate) fn link(&self, machine: MachineId) -> Option<mpsc::Sender<ServerMessage>> {
-        self.links().get(&machine).map(|link| link.sender.clone())
+    pub(crate) fn link(&self, machine: MachineId) -> Option<Outbox> {
+        self.links().get(&machine).map(|link| link.outbox.clone())
     }
 
     pub(crate) fn is_online(&self, machine: MachineId) -> bool {
@@ -191,14 +221,16 @@ pub(crate) async fn session(state: AppState, machine_id: MachineId, socket: WebS
 
     let _session = state.gateway.take_over(machine_id).await;
     let close = Arc::new(Notify::new());
+    let outbox = Outbox::new(sender.clone());
     let connection = state
         .gateway
-        .register(machine_id, sender.clone(), close.clone());
+        .register(machine_id, outbox.clone(), close.clone());
     tracing::info!(machine = %machine_id, hostname = %hello.hostname, "agent connected");
     let mut conversation = Conversation {
         state: state.clone(),
         machine_id,
         sender,
+        outbox,
         known: HashMap::new(),
     };
     let result = conversation.run(hello, &mut stream, &close).await;
@@ -258,6 +290,7 @@ struct Conversation {
     state: AppState,
     machine_id: MachineId,
     sender: mpsc::Sender<ServerMessage>,
+    outbox: Outbox,
     known: HashMap<ExecutionId, Known>,
 }
 
@@ -411,16 +444,21 @@ impl Conversation {
                 }
             };
             if let Some(message) = execute_message(&self.state, run, execution.id) {
-                backlog.push(message);
+                backlog.push((execution.id, message));
             }
         }
         // A machine back after a long absence may have more work waiting than its queue
         // holds: a task feeds it in order, so the read loop starts at once.
         if !backlog.is_empty() {
-            let sender = self.sender.clone();
+            let outbox = self.outbox.clone();
             tokio::spawn(async move {
-                for message in backlog {
-                    if sender.send(message).await.is_err() {
+                for (execution, message) in backlog {
+                    outbox
+                        .sent
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .insert(execution);
+                    if outbox.sender.send(message).await.is_err() {
                         break;
                     }
                 }
@@ -542,6 +580,26 @@ impl Conversation {
             AgentMessage::Accepted { execution_id } => {
                 let id = ExecutionId::from(execution_id);
                 let delivered = self.update(id, Change::Delivered { at: now_millis() });
+                if self.outbox.take_sent(id) {
+                    // Sent on this connection, so it is this machine's and has no output yet:
+                    // carry on at once, and settle the rare race (the execution ended while the
+                    // Execute was on its way) when the write is done.
+                    self.known.entry(id).or_insert_with(Known::fresh);
+                    let written = self.state.writer.submit(vec![delivered]).await?;
+                    let (store, sender) = (self.state.store.clone(), self.sender.clone());
+                    tokio::spawn(async move {
+                        let Ok(Some(changed)) = written.await else {
+                            return;
+                        };
+                        if changed.is_empty()
+                            && let Ok(Some(execution)) = store.get_execution(id).await
+                            && execution.state.is_terminal()
+                        {
+                            push(&sender, ServerMessage::Cancel { execution_id });
+                        }
+                    });
+                    return Ok(());
+                }
                 let changed = self.state.writer.apply(vec![delivered]).await?;
                 if changed.is_empty() {
                     // A repeat, another machine's execution, or one that ended (delivery

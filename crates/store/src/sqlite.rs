@@ -105,6 +105,12 @@ const EXECUTION_COLUMNS: &str = "id, run_id, machine_id, machine_name, state, ex
     created_at, delivered_at, started_at, finished_at, delivery_deadline, cancel_requested, \
     stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped, stdout_tail, stderr_tail, released, error_code";
 
+/// `EXECUTION_COLUMNS`, qualified for statements that join another table.
+const RETURNED_COLUMNS: &str = "executions.id AS id, run_id, machine_id, machine_name, state, exit_code, message, \
+    created_at, delivered_at, started_at, finished_at, delivery_deadline, cancel_requested, \
+    stdout_bytes, stderr_bytes, stdout_dropped, stderr_dropped, stdout_tail, stderr_tail, released, \
+    error_code";
+
 const RUN_COLUMNS: &str = "id, created_at, targets_kind, targets_value, script, interpreter, \
     parameters, env, workdir, timeout_ms, delivery_timeout_ms, cancel_requested, \
     max_concurrency, max_errors, stop_reason, script_uri, script_sha256, output_blob_uri, \
@@ -338,6 +344,22 @@ fn execution_from_row(row: &SqliteRow) -> Result<ExecutionRecord> {
         released: row.try_get::<i64, _>("released")? != 0,
         error_code: row.try_get("error_code")?,
     })
+}
+
+/// An `UPDATE ... FROM (VALUES ...)` of `rows` executions, each row `(id, machine or NULL,
+/// values...)` with `width` columns in all; the state must allow moving to `next` (every
+/// terminal state has the same predecessors), and a row with a machine only touches that
+/// machine's execution.
+fn batch_update(set: &str, width: usize, rows: usize, next: ExecutionState) -> String {
+    let row = format!("({})", vec!["?"; width].join(", "));
+    let values = vec![row; rows].join(", ");
+    let allowed = predecessors(next);
+    format!(
+        "UPDATE executions SET {set} FROM (VALUES {values}) AS v \
+         WHERE executions.id = v.column1 \
+         AND (v.column2 IS NULL OR executions.machine_id = v.column2) \
+         AND executions.state IN ({allowed}) RETURNING {RETURNED_COLUMNS}"
+    )
 }
 
 /// The SQL list of states an execution may be in to move to `next`.
@@ -659,61 +681,106 @@ impl Store for SqliteStore {
         if updates.is_empty() {
             return Ok(Outcome::default());
         }
+        // One statement per kind of change and chunk of rows, not one per update: a fan-out to
+        // 10,000 machines is then a few dozen statements. For any one execution the kinds
+        // come in this order (delivered, started, finished), so applying kind by kind is the
+        // same as applying the updates in order.
+        let delivered: Vec<_> = updates
+            .iter()
+            .filter(|u| matches!(u.change, Change::Delivered { .. }))
+            .collect();
+        let started: Vec<_> = updates
+            .iter()
+            .filter(|u| matches!(u.change, Change::Started { .. }))
+            .collect();
+        let finished: Vec<_> = updates
+            .iter()
+            .filter(|u| matches!(u.change, Change::Finished(_)))
+            .collect();
         let mut tx = self.writer.begin().await?;
         let mut changed = Vec::new();
-        for update in updates {
-            let allowed = predecessors(update.change.target_state());
-            // An agent's report is scoped to its machine: it cannot touch another's executions.
-            let scope = if update.machine.is_some() {
-                "AND machine_id = ?"
-            } else {
-                ""
-            };
-            let set = match &update.change {
-                Change::Delivered { .. } => "state = 'delivered', delivered_at = ?",
-                Change::Started { .. } => {
-                    "state = 'running', started_at = ?, delivered_at = COALESCE(delivered_at, ?)"
-                }
-                Change::Finished(_) => {
-                    "state = ?, exit_code = ?, message = ?, started_at = COALESCE(started_at, ?), \
-                                          finished_at = ?, stdout_bytes = ?, stderr_bytes = ?, stdout_dropped = ?, \
-                     stderr_dropped = ?, stdout_tail = ?, stderr_tail = ?, error_code = ?"
-                }
-            };
-            let sql = format!(
-                "UPDATE executions SET {set} WHERE id = ? {scope} AND state IN ({allowed}) \
-                 RETURNING {EXECUTION_COLUMNS}"
+        for chunk in delivered.chunks(300) {
+            let sql = batch_update(
+                "state = 'delivered', delivered_at = v.column3",
+                3,
+                chunk.len(),
+                ExecutionState::Delivered,
             );
-            let query = match &update.change {
-                Change::Delivered { at } => sqlx::query(&sql).bind(*at),
-                Change::Started { at } => sqlx::query(&sql).bind(*at).bind(*at),
-                Change::Finished(finish) => {
-                    if !finish.state.is_terminal() {
-                        return Err(corrupt(format!(
-                            "finish of {} with state {}",
-                            update.id, finish.state
-                        )));
-                    }
-                    sqlx::query(&sql)
-                        .bind(finish.state.as_str())
-                        .bind(finish.exit_code)
-                        .bind(finish.message.clone())
-                        .bind(finish.started_at)
-                        .bind(finish.finished_at)
-                        .bind(finish.stdout_bytes as i64)
-                        .bind(finish.stderr_bytes as i64)
-                        .bind(finish.stdout_dropped as i64)
-                        .bind(finish.stderr_dropped as i64)
-                        .bind(finish.stdout_tail.clone())
-                        .bind(finish.stderr_tail.clone())
-                        .bind(finish.error_code.clone())
-                }
-            };
-            let mut query = query.bind(update.id.to_string());
-            if let Some(machine) = update.machine {
-                query = query.bind(machine.to_string());
+            let mut query = sqlx::query(&sql);
+            for update in chunk {
+                let Change::Delivered { at } = update.change else {
+                    continue;
+                };
+                query = query
+                    .bind(update.id.to_string())
+                    .bind(update.machine.map(|machine| machine.to_string()))
+                    .bind(at);
             }
-            if let Some(row) = query.fetch_optional(&mut *tx).await? {
+            for row in query.fetch_all(&mut *tx).await? {
+                changed.push(execution_from_row(&row)?);
+            }
+        }
+        for chunk in started.chunks(300) {
+            let sql = batch_update(
+                "state = 'running', started_at = v.column3, \
+                 delivered_at = COALESCE(delivered_at, v.column3)",
+                3,
+                chunk.len(),
+                ExecutionState::Running,
+            );
+            let mut query = sqlx::query(&sql);
+            for update in chunk {
+                let Change::Started { at } = update.change else {
+                    continue;
+                };
+                query = query
+                    .bind(update.id.to_string())
+                    .bind(update.machine.map(|machine| machine.to_string()))
+                    .bind(at);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                changed.push(execution_from_row(&row)?);
+            }
+        }
+        for chunk in finished.chunks(200) {
+            let sql = batch_update(
+                "state = v.column3, exit_code = v.column4, message = v.column5, \
+                 started_at = COALESCE(started_at, v.column6), finished_at = v.column7, \
+                 stdout_bytes = v.column8, stderr_bytes = v.column9, stdout_dropped = v.column10, \
+                 stderr_dropped = v.column11, stdout_tail = v.column12, stderr_tail = v.column13, \
+                 error_code = v.column14",
+                14,
+                chunk.len(),
+                ExecutionState::Succeeded,
+            );
+            let mut query = sqlx::query(&sql);
+            for update in chunk {
+                let Change::Finished(finish) = &update.change else {
+                    continue;
+                };
+                if !finish.state.is_terminal() {
+                    return Err(corrupt(format!(
+                        "finish of {} with state {}",
+                        update.id, finish.state
+                    )));
+                }
+                query = query
+                    .bind(update.id.to_string())
+                    .bind(update.machine.map(|machine| machine.to_string()))
+                    .bind(finish.state.as_str())
+                    .bind(finish.exit_code)
+                    .bind(finish.message.clone())
+                    .bind(finish.started_at)
+                    .bind(finish.finished_at)
+                    .bind(finish.stdout_bytes as i64)
+                    .bind(finish.stderr_bytes as i64)
+                    .bind(finish.stdout_dropped as i64)
+                    .bind(finish.stderr_dropped as i64)
+                    .bind(finish.stdout_tail.clone())
+                    .bind(finish.stderr_tail.clone())
+                    .bind(finish.error_code.clone());
+            }
+            for row in query.fetch_all(&mut *tx).await? {
                 changed.push(execution_from_row(&row)?);
             }
         }

@@ -23,6 +23,8 @@ use crate::{AppState, now_millis};
 
 /// Longest a `GET /v1/runs/{run}?wait=` call holds the request open.
 const MAX_WAIT: Duration = Duration::from_secs(300);
+/// A new run's answer lists its executions when it has at most this many.
+const MAX_EXECUTIONS_IN_ANSWER: u64 = 1000;
 /// Bytes of output per chunk of a streamed response.
 const OUTPUT_CHUNK: usize = 64 * 1024;
 
@@ -90,7 +92,8 @@ async fn resolve_targets(
     }
 }
 
-/// Creates a run and sends it to its machines at once. Answers the run with its executions.
+/// Creates a run and sends it to its machines at once. Answers the run, with its executions
+/// when it has at most 1,000 (else read them from `/v1/runs/{run}/executions`).
 #[utoipa::path(post, path = "/v1/runs", tag = "runs", request_body = CreateRun,
     responses((status = 201, body = Run), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -156,11 +159,17 @@ pub(crate) async fn create_run(
         .get_run(run.id)
         .await?
         .ok_or_else(|| ApiError::internal("a run vanished right after it was created"))?;
-    let executions = state.store.run_executions(run.id).await?;
-    tracing::info!(run = %run.id, executions = executions.len(), "run created");
+    // A large fan-out's executions are a page of their own (GET /v1/runs/{id}/executions):
+    // answering thousands here would only delay the answer.
+    let executions = if record.total <= MAX_EXECUTIONS_IN_ANSWER {
+        Some(state.store.run_executions(run.id).await?)
+    } else {
+        None
+    };
+    tracing::info!(run = %run.id, executions = record.total, "run created");
     Ok((
         StatusCode::CREATED,
-        axum::Json(convert::run(record, Some(executions))),
+        axum::Json(convert::run(record, executions)),
     ))
 }
 
