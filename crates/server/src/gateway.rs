@@ -239,6 +239,14 @@ pub(crate) async fn session(state: AppState, machine_id: MachineId, socket: WebS
         Err(error) => tracing::warn!(machine = %machine_id, %error, "agent connection closed"),
     }
     state.gateway.unregister(machine_id, connection);
+    // Output held for executions that did not end here is resent by the agent when it comes
+    // back; the copies here would only be stale.
+    {
+        let mut held = state.small_output();
+        for id in conversation.known.keys() {
+            held.remove(id);
+        }
+    }
     if let Err(error) = state.store.set_last_seen(machine_id, now_millis()).await {
         tracing::warn!(machine = %machine_id, %error, "recording when the machine was last seen");
     }
@@ -253,6 +261,9 @@ struct Known {
     /// What is stored, when this connection saw all of it (from byte 0): then the end of an
     /// execution needs no file reads.
     stored: Option<StoredOutput>,
+    /// Per stream: whether it is in a blob file. Until then (and only while `stored` is
+    /// exact) it is held in memory, in `small_output`.
+    spilled: [bool; 2],
 }
 
 impl Known {
@@ -260,12 +271,17 @@ impl Known {
         Known {
             received: [0, 0],
             stored: Some(StoredOutput::default()),
+            spilled: [false, false],
         }
     }
 
     fn resumed(received: [u64; 2]) -> Self {
         let stored = (received == [0, 0]).then(StoredOutput::default);
-        Known { received, stored }
+        Known {
+            received,
+            stored,
+            spilled: [received[0] > 0, received[1] > 0],
+        }
     }
 }
 
@@ -678,9 +694,38 @@ impl Conversation {
         let room = cap.saturating_sub(received) as usize;
         let kept = &fresh[..fresh.len().min(room)];
         if !kept.is_empty() {
-            state.blobs.append(id, stream.as_str(), kept).await?;
-            if let Some(stored) = &mut known.stored {
-                stored.append(index, kept);
+            let fits = |stored: &StoredOutput| {
+                stored.len[index] + kept.len() as u64 <= Limits::TAIL_BYTES as u64
+            };
+            match &mut known.stored {
+                // Small so far: held in memory. If the server stops now, nothing is lost: the
+                // file is still empty, so the agent resends from byte 0.
+                Some(stored) if !known.spilled[index] && fits(stored) => {
+                    stored.append(index, kept);
+                    let held = stored.tail[index].clone();
+                    state.small_output().entry(id).or_default()[index] = held;
+                }
+                _ => {
+                    if !known.spilled[index] {
+                        known.spilled[index] = true;
+                        // While it fit, the tail was all of it: it goes to the file first.
+                        if let Some(stored) = &known.stored
+                            && stored.len[index] > 0
+                        {
+                            state
+                                .blobs
+                                .append(id, stream.as_str(), &stored.tail[index])
+                                .await?;
+                        }
+                        if let Some(held) = state.small_output().get_mut(&id) {
+                            held[index] = Vec::new();
+                        }
+                    }
+                    state.blobs.append(id, stream.as_str(), kept).await?;
+                    if let Some(stored) = &mut known.stored {
+                        stored.append(index, kept);
+                    }
+                }
             }
             state.events.publish(Event::Output { execution_id: id });
         } else {
@@ -721,7 +766,10 @@ impl Conversation {
             // Scoped to this machine: another machine's execution is left alone.
             let update = self.update(id, Change::Finished(Box::new(finish)));
             self.state.writer.apply(vec![update]).await?;
-            self.known.remove(&id);
+            // Stored in the row now (or it was another machine's): no longer held in memory.
+            if self.known.remove(&id).is_some() {
+                self.state.small_output().remove(&id);
+            }
         }
         // Acknowledge even what was not ours or already over, so the agent can let it go.
         self.send(ServerMessage::Ack { execution_id }).await;

@@ -10,14 +10,16 @@ mod events;
 mod gateway;
 mod writer;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use domain::{Limits, UnixMillis};
+use domain::{ExecutionId, Limits, UnixMillis};
 use store::{LocalBlobs, SqliteStore, Store, TokenKind};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -35,6 +37,10 @@ pub struct Shared {
     gateway: gateway::Gateway,
     events: events::Events,
     writer: writer::Writer,
+    /// Output that fits an execution's inline tail is held here until the execution ends (then
+    /// it is in its row) or outgrows the tail (then it goes to a blob file): most executions
+    /// print little, and a file each was the largest cost of a large fan-out.
+    small_output: Mutex<HashMap<ExecutionId, [Vec<u8>; 2]>>,
     /// Woken when a new delivery deadline may be earlier than the one being waited for.
     deadlines_changed: Notify,
 }
@@ -58,6 +64,7 @@ impl AppState {
             gateway: gateway::Gateway::default(),
             events: events::Events::new(),
             writer,
+            small_output: Mutex::default(),
             deadlines_changed: Notify::new(),
         }));
         writer::Writer::start(&state, receiver);
@@ -208,4 +215,62 @@ pub(crate) fn now_millis() -> UnixMillis {
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as UnixMillis)
         .unwrap_or_default()
+}
+
+impl Shared {
+    fn small_output(&self) -> std::sync::MutexGuard<'_, HashMap<ExecutionId, [Vec<u8>; 2]>> {
+        // Each operation replaces or removes one entry whole, so a poisoned lock is still sound.
+        self.small_output
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Up to `max` bytes of stream `index` of `execution` from `offset`, wherever they are: in
+    /// the blob file, held in memory, or (for an execution that ended with little output) in
+    /// its row's tail.
+    pub(crate) async fn read_output(
+        &self,
+        execution: ExecutionId,
+        index: usize,
+        offset: u64,
+        max: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let stream = ["stdout", "stderr"][index];
+        if self.blobs.len(execution, stream).await? > 0 {
+            return self.blobs.read(execution, stream, offset, max).await;
+        }
+        let held = self
+            .small_output()
+            .get(&execution)
+            .map(|streams| slice(&streams[index], offset, max));
+        if let Some(bytes) = held {
+            return Ok(bytes);
+        }
+        let row = self
+            .store
+            .get_execution(execution)
+            .await
+            .map_err(|error| std::io::Error::other(error.to_string()))?;
+        Ok(match row {
+            Some(row) => {
+                let (len, tail) = if index == 0 {
+                    (row.stdout_bytes, row.stdout_tail)
+                } else {
+                    (row.stderr_bytes, row.stderr_tail)
+                };
+                // The tail is the whole output only when the output fit it.
+                if len == tail.len() as u64 {
+                    slice(&tail, offset, max)
+                } else {
+                    Vec::new()
+                }
+            }
+            None => Vec::new(),
+        })
+    }
+}
+
+fn slice(bytes: &[u8], offset: u64, max: usize) -> Vec<u8> {
+    let start = (offset as usize).min(bytes.len());
+    bytes[start..bytes.len().min(start.saturating_add(max))].to_vec()
 }

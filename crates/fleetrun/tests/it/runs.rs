@@ -311,3 +311,21 @@ fn an_execution_shows_the_last_4_kib_of_its_output_inline() {
     assert_eq!(tail.len(), 4096);
     assert_eq!(tail, &expected[expected.len() - 4096..]);
 }
+
+#[test]
+fn output_that_outgrows_the_inline_tail_is_kept_whole_and_in_order() {
+    let mut cluster = Cluster::start();
+    cluster.agent("web-1", "");
+    // Small output is held in memory until it outgrows the 4 KiB tail; then it moves to a
+    // file. Followed live and read afterwards, the bytes must be the same, in order.
+    let script = "head -c 3000 /dev/zero | tr '\\0' a; sleep 0.3; head -c 3000 /dev/zero | tr '\\0' b; \
+                  sleep 0.3; printf end";
+    let output = cluster.fleetrun(&["run", "-m", "web-1", script]);
+    let expected = format!("{}{}end", "a".repeat(3000), "b".repeat(3000));
+    assert_eq!(output.success(), expected, "followed live");
+    let id = cluster.newest_run_id();
+    let stored = cluster.fleetrun(&["runs", "output", &id, "-m", "web-1"]);
+    assert_eq!(stored.success(), expected, "read back");
+    let execution = cluster.execution(&id, "web-1");
+    assert_eq!(execution["stdout_bytes"], 6003, "{execution}");
+}

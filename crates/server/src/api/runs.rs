@@ -364,9 +364,9 @@ pub(crate) async fn execution_output(
     if state.store.get_execution(id).await?.is_none() {
         return Err(execution_not_found(&execution));
     }
-    let stream: &'static str = match stream.as_str() {
-        "stdout" => "stdout",
-        "stderr" => "stderr",
+    let stream = match stream.as_str() {
+        "stdout" => 0,
+        "stderr" => 1,
         other => {
             return Err(ApiError::bad_request(
                 "InvalidStream",
@@ -400,7 +400,8 @@ pub(crate) async fn execution_output(
 struct OutputCursor {
     state: AppState,
     id: ExecutionId,
-    stream: &'static str,
+    /// 0 for stdout, 1 for stderr.
+    stream: usize,
     offset: u64,
     follow: bool,
 }
@@ -413,8 +414,7 @@ impl OutputCursor {
             let mut events = self.state.events.subscribe();
             let chunk = self
                 .state
-                .blobs
-                .read(self.id, self.stream, self.offset, OUTPUT_CHUNK)
+                .read_output(self.id, self.stream, self.offset, OUTPUT_CHUNK)
                 .await?;
             if !chunk.is_empty() {
                 self.offset += chunk.len() as u64;
@@ -432,8 +432,7 @@ impl OutputCursor {
                 // The final output is stored before the state turns terminal; read once more.
                 let chunk = self
                     .state
-                    .blobs
-                    .read(self.id, self.stream, self.offset, OUTPUT_CHUNK)
+                    .read_output(self.id, self.stream, self.offset, OUTPUT_CHUNK)
                     .await?;
                 if chunk.is_empty() {
                     return Ok(None);
