@@ -685,61 +685,46 @@ impl Store for SqliteStore {
         // 10,000 machines is then a few dozen statements. For any one execution the kinds
         // come in this order (delivered, started, finished), so applying kind by kind is the
         // same as applying the updates in order.
-        let delivered: Vec<_> = updates
-            .iter()
-            .filter(|u| matches!(u.change, Change::Delivered { .. }))
-            .collect();
-        let started: Vec<_> = updates
-            .iter()
-            .filter(|u| matches!(u.change, Change::Started { .. }))
-            .collect();
         let finished: Vec<_> = updates
             .iter()
             .filter(|u| matches!(u.change, Change::Finished(_)))
             .collect();
         let mut tx = self.writer.begin().await?;
         let mut changed = Vec::new();
-        for chunk in delivered.chunks(300) {
-            let sql = batch_update(
-                "state = 'delivered', delivered_at = v.column3",
-                3,
-                chunk.len(),
+        let stamps = [
+            (
                 ExecutionState::Delivered,
-            );
-            let mut query = sqlx::query(&sql);
-            for update in chunk {
-                let Change::Delivered { at } = update.change else {
-                    continue;
-                };
-                query = query
-                    .bind(update.id.to_string())
-                    .bind(update.machine.map(|machine| machine.to_string()))
-                    .bind(at);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                changed.push(execution_from_row(&row)?);
-            }
-        }
-        for chunk in started.chunks(300) {
-            let sql = batch_update(
+                "state = 'delivered', delivered_at = v.column3",
+            ),
+            (
+                ExecutionState::Running,
                 "state = 'running', started_at = v.column3, \
                  delivered_at = COALESCE(delivered_at, v.column3)",
-                3,
-                chunk.len(),
-                ExecutionState::Running,
-            );
-            let mut query = sqlx::query(&sql);
-            for update in chunk {
-                let Change::Started { at } = update.change else {
-                    continue;
-                };
-                query = query
-                    .bind(update.id.to_string())
-                    .bind(update.machine.map(|machine| machine.to_string()))
-                    .bind(at);
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                changed.push(execution_from_row(&row)?);
+            ),
+        ];
+        for (next, set) in stamps {
+            let stamped: Vec<(&ExecutionUpdate, UnixMillis)> = updates
+                .iter()
+                .filter_map(|update| match update.change {
+                    Change::Delivered { at } if next == ExecutionState::Delivered => {
+                        Some((update, at))
+                    }
+                    Change::Started { at } if next == ExecutionState::Running => Some((update, at)),
+                    _ => None,
+                })
+                .collect();
+            for chunk in stamped.chunks(300) {
+                let sql = batch_update(set, 3, chunk.len(), next);
+                let mut query = sqlx::query(&sql);
+                for (update, at) in chunk {
+                    query = query
+                        .bind(update.id.to_string())
+                        .bind(update.machine.map(|machine| machine.to_string()))
+                        .bind(*at);
+                }
+                for row in query.fetch_all(&mut *tx).await? {
+                    changed.push(execution_from_row(&row)?);
+                }
             }
         }
         for chunk in finished.chunks(200) {
