@@ -62,28 +62,7 @@ fn a_timeout_kills_the_whole_process_group() {
 fn cancel_stops_a_running_script_and_its_children() {
     let mut cluster = Cluster::start();
     cluster.agent("web-1", "");
-    let workdir = cluster.scratch_dir("cancel");
-    let workdir_text = workdir.to_str().expect("UTF-8 path");
-
-    let id = cluster
-        .fleetrun(&[
-            "run",
-            "--no-wait",
-            "-m",
-            "web-1",
-            "--workdir",
-            workdir_text,
-            LONG_SCRIPT,
-        ])
-        .success()
-        .trim()
-        .to_string();
-    cluster.wait_execution_state(&id, "web-1", "running", Duration::from_secs(10));
-    let (group, background) = script_pids(&cluster, &workdir);
-    assert!(
-        group_alive(group) && process_alive(background),
-        "the script is running"
-    );
+    let (id, group, background) = start_long_script(&cluster, "cancel");
 
     let canceled = cluster.fleetrun(&["runs", "cancel", &id]).success();
     assert!(canceled.contains(&id), "{canceled}");
@@ -213,7 +192,25 @@ fn an_agent_reconnects_by_itself_after_a_graceful_server_restart() {
 fn a_script_orphaned_by_an_agent_crash_is_stopped_and_reported_interrupted() {
     let mut cluster = Cluster::start();
     cluster.agent("web-1", "");
-    let workdir = cluster.scratch_dir("orphan");
+    let (id, group, background) = start_long_script(&cluster, "orphan");
+
+    cluster.stop_agent("web-1");
+    cluster.start_agent("web-1");
+    let execution =
+        cluster.wait_execution_state(&id, "web-1", "interrupted", Duration::from_secs(15));
+    assert!(
+        execution["message"]
+            .as_str()
+            .is_some_and(|message| !message.is_empty()),
+        "an interrupted execution says why: {execution}"
+    );
+    wait_until_gone(group, background);
+}
+
+/// Starts `LONG_SCRIPT` on web-1 without waiting, in a fresh working directory named `dir`,
+/// and waits until it runs: its run id, process group and background process.
+fn start_long_script(cluster: &Cluster, dir: &str) -> (String, i32, i32) {
+    let workdir = cluster.scratch_dir(dir);
     let workdir_text = workdir.to_str().expect("UTF-8 path");
     let id = cluster
         .fleetrun(&[
@@ -229,21 +226,10 @@ fn a_script_orphaned_by_an_agent_crash_is_stopped_and_reported_interrupted() {
         .trim()
         .to_string();
     cluster.wait_execution_state(&id, "web-1", "running", Duration::from_secs(10));
-    let (group, background) = script_pids(&cluster, &workdir);
+    let (group, background) = script_pids(cluster, &workdir);
     assert!(
         group_alive(group) && process_alive(background),
         "the script is running"
     );
-
-    cluster.stop_agent("web-1");
-    cluster.start_agent("web-1");
-    let execution =
-        cluster.wait_execution_state(&id, "web-1", "interrupted", Duration::from_secs(15));
-    assert!(
-        execution["message"]
-            .as_str()
-            .is_some_and(|message| !message.is_empty()),
-        "an interrupted execution says why: {execution}"
-    );
-    wait_until_gone(group, background);
+    (id, group, background)
 }
