@@ -235,6 +235,7 @@ impl Executions {
     /// Records an `Execute` durably and queues it, unless its id is already held.
     pub(crate) async fn accept(&self, execute: Execute) -> Result<Acceptance, JournalError> {
         let execution_id = execute.execution_id;
+        let replaces = execute.replaces.clone();
         {
             let state = self.inner.state();
             if state.held.contains_key(&execution_id) {
@@ -257,6 +258,11 @@ impl Executions {
             .state()
             .held
             .insert(execution_id, Entry::new(Progress::queued()));
+        // The execution it replaces is stopped now, not when this one gets a slot: it may
+        // hold the slot this one waits for.
+        for replaced in replaces {
+            self.cancel(replaced).await;
+        }
         // The dispatcher lives as long as `inner`, which `self` holds.
         let _ = self.inner.queue.send(execution_id);
         Ok(Acceptance::New)
@@ -595,6 +601,18 @@ async fn run_one(
         }
     };
 
+    // A replacement canceled while it waits for what it replaces never starts.
+    if !execute.replaces.is_empty() {
+        let waiting = wait_until_gone(&inner, &execute.replaces);
+        tokio::select! {
+            () = waiting => {}
+            () = stop_requested(&mut stop) => {
+                record_finished(&inner, execution_id, canceled_before_start()).await;
+                return;
+            }
+        }
+    }
+
     // Recorded as running before the script is fetched or the process exists: if the agent
     // dies from here on, the restarted agent reports the execution as interrupted instead of
     // running it again.
@@ -697,6 +715,25 @@ async fn run_one(
         tracing::warn!(%error, %execution_id, "could not record the end of a script before uploading its output");
     }
     upload_outputs(&inner, execution_id, &execute, status, stop).await;
+}
+
+/// Waits until the executions `replaced` (canceled when their replacement was accepted)
+/// have ended, their process groups gone. Those this agent does not hold are gone already.
+async fn wait_until_gone(inner: &Inner, replaced: &[Uuid]) {
+    let watches: Vec<_> = {
+        let state = inner.state();
+        replaced
+            .iter()
+            .filter_map(|id| state.held.get(id))
+            .map(|entry| entry.progress.subscribe())
+            .collect()
+    };
+    for mut progress in watches {
+        // An error means the entry is gone altogether, which is just as good.
+        let _ = progress
+            .wait_for(|progress| progress.phase == HeldPhase::Finished)
+            .await;
+    }
 }
 
 /// Uploads each stream in `status.pending_uploads` to its blob URI, recording each one done in
@@ -859,8 +896,16 @@ async fn remove_entry(inner: &Inner, execution_id: Uuid) {
     if let Err(error) = blocking(move || journal.remove(execution_id)).await {
         tracing::warn!(%error, %execution_id, "could not delete a journal entry");
     }
-    let work_dir = inner.work_root.join(execution_id.to_string());
-    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(work_dir)).await;
+    let work_dirs = [
+        inner.work_root.join(execution_id.to_string()),
+        executor::run_as_work_dir(execution_id),
+    ];
+    let _ = tokio::task::spawn_blocking(move || {
+        for work_dir in work_dirs {
+            let _ = std::fs::remove_dir_all(work_dir);
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

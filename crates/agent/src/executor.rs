@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -22,8 +22,10 @@ use tokio::time::Instant;
 use crate::journal::OutputPaths;
 
 mod interpreter;
+mod run_as;
 
 use interpreter::Launch;
+use run_as::RunAs;
 
 /// Interpreters an agent looks for on its PATH and reports to the server.
 pub(crate) const KNOWN_INTERPRETERS: [&str; 7] =
@@ -39,6 +41,10 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 /// How often a dying process group is checked during the kill grace: a process we are not the
 /// parent of cannot be waited for, only looked for.
 const GROUP_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+/// The agent's environment variables a script run as another user still gets (with `LC_*`).
+const INHERITED_BY_OTHER_USERS: [&str; 5] = ["PATH", "LANG", "LANGUAGE", "TZ", "TERM"];
+/// The agent's own credentials, never passed to a script.
+const HIDDEN_FROM_SCRIPTS: [&str; 2] = ["FLEETRUN_ENROLL_TOKEN", "FLEETRUN_TOKEN"];
 /// Spawning a script file that was just written can fail with ETXTBSY when another thread
 /// forked while the file was open for writing; the fork's copy of the descriptor closes at its
 /// exec, so a short retry succeeds.
@@ -62,6 +68,8 @@ pub(crate) enum ErrorCode {
     ScriptDownloadFailed,
     ScriptChecksumMismatch,
     OutputUploadFailed,
+    RunAsUserNotFound,
+    RunAsNotPermitted,
 }
 
 impl ErrorCode {
@@ -71,6 +79,8 @@ impl ErrorCode {
             ErrorCode::ScriptDownloadFailed => "ScriptDownloadFailed",
             ErrorCode::ScriptChecksumMismatch => "ScriptChecksumMismatch",
             ErrorCode::OutputUploadFailed => "OutputUploadFailed",
+            ErrorCode::RunAsUserNotFound => "RunAsUserNotFound",
+            ErrorCode::RunAsNotPermitted => "RunAsNotPermitted",
         }
     }
 }
@@ -126,6 +136,11 @@ impl ExecutionEnd {
             error_code: self.error_code.map(|code| code.as_str().to_string()),
         }
     }
+}
+
+/// Where a script run as another user had its directory, if it had one.
+pub(crate) fn run_as_work_dir(execution_id: uuid::Uuid) -> PathBuf {
+    run_as::work_dir_of(execution_id)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -191,8 +206,36 @@ pub(crate) async fn start(
     script: Vec<u8>,
     placement: &Placement,
 ) -> Result<RunningScript, ExecutionEnd> {
-    let work_dir = placement.work_root.join(execute.execution_id.to_string());
-    let started = prepare_and_spawn(execute, script, placement, &work_dir).await;
+    let run_as = match &execute.run_as_user {
+        None => None,
+        Some(user) => {
+            let user = user.clone();
+            // A user lookup may ask a directory service: it blocks.
+            tokio::task::spawn_blocking(move || run_as::resolve(&user))
+                .await
+                .map_err(|error| {
+                    ExecutionEnd::not_started(format!("looking up run_as_user failed: {error}"))
+                })??
+        }
+    };
+    // The agent's state directory is private to it: another user's script gets a directory
+    // of its own under `run_as::work_root`, which anyone may pass through.
+    let work_dir = match &run_as {
+        None => placement.work_root.join(execute.execution_id.to_string()),
+        Some(_) => {
+            let root = tokio::task::spawn_blocking(run_as::work_root)
+                .await
+                .map_err(io::Error::other)
+                .and_then(|root| root)
+                .map_err(|error| {
+                    ExecutionEnd::not_started(format!(
+                        "could not prepare a directory for run_as_user: {error}"
+                    ))
+                })?;
+            root.join(execute.execution_id.to_string())
+        }
+    };
+    let started = prepare_and_spawn(execute, script, placement, &work_dir, run_as.as_ref()).await;
     if started.is_err() {
         remove_work_dir(work_dir).await;
     }
@@ -204,6 +247,7 @@ async fn prepare_and_spawn(
     script: Vec<u8>,
     placement: &Placement,
     work_dir: &Path,
+    run_as: Option<&RunAs>,
 ) -> Result<RunningScript, ExecutionEnd> {
     // Interpreters are looked for on the PATH the script will have, as `#!/usr/bin/env` does.
     let search_path = execute
@@ -216,14 +260,20 @@ async fn prepare_and_spawn(
     })
     .map_err(|message| ExecutionEnd::failed(ErrorCode::InterpreterNotFound, message))?;
 
-    let script_path = write_script(work_dir.to_path_buf(), script, launch.script_file_name())
-        .await
-        .map_err(|error| {
-            ExecutionEnd::not_started(format!(
-                "could not write the script to {}: {error}",
-                work_dir.display()
-            ))
-        })?;
+    let owner = run_as.map(|run_as| (run_as.uid, run_as.gid));
+    let script_path = write_script(
+        work_dir.to_path_buf(),
+        script,
+        launch.script_file_name(),
+        owner,
+    )
+    .await
+    .map_err(|error| {
+        ExecutionEnd::not_started(format!(
+            "could not write the script to {}: {error}",
+            work_dir.display()
+        ))
+    })?;
 
     let mut command = match launch {
         Launch::Itself => Command::new(&script_path),
@@ -248,17 +298,46 @@ async fn prepare_and_spawn(
         None => work_dir.to_path_buf(),
     };
 
+    match run_as {
+        // Another user's script gets the user's identity and a short list of the agent's
+        // variables, not the agent's whole environment (which may hold credentials); it
+        // leads a session of its own (`run_as::apply`), so it cannot reach the agent's
+        // terminal either.
+        Some(run_as) => {
+            command.env_clear();
+            for (name, value) in std::env::vars_os() {
+                let inherited = name.to_str().is_some_and(|name| {
+                    INHERITED_BY_OTHER_USERS.contains(&name) || name.starts_with("LC_")
+                });
+                if inherited {
+                    command.env(name, value);
+                }
+            }
+            command
+                .env("HOME", &run_as.home)
+                .env("USER", &run_as.name)
+                .env("LOGNAME", &run_as.name)
+                .env("SHELL", &run_as.shell);
+            run_as::apply(&mut command, run_as);
+        }
+        // The script leads a process group of its own, so that stopping it stops everything
+        // it started.
+        None => {
+            command.process_group(0);
+        }
+    }
+    for name in HIDDEN_FROM_SCRIPTS {
+        command.env_remove(name);
+    }
     command
         .current_dir(current_dir)
+        // What the operator set explicitly wins over all of the above.
         .envs(&execute.env)
         .env("FLEETRUN_EXECUTION_ID", execute.execution_id.to_string())
         .env("FLEETRUN_RUN_ID", execute.run_id.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // The script leads a process group of its own, so that stopping it stops everything
-        // it started.
-        .process_group(0)
         .kill_on_drop(true);
 
     let child = spawn_with_retry(&mut command).await.map_err(|error| {
@@ -594,18 +673,27 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Creates a fresh `<work_root>/<execution_id>/` and writes the script there as `file_name`
-/// (mode 0700). Returns the script's path.
+/// Creates a fresh work directory and writes the script there as `file_name` (mode 0700).
+/// With an `owner` (a run-as user), the directory lives in a shared place: it must not exist
+/// yet, and directory and script are handed to the owner only once written. Returns the
+/// script's path.
 async fn write_script(
     work_dir: PathBuf,
     script: Vec<u8>,
     file_name: &'static str,
+    owner: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
 ) -> io::Result<PathBuf> {
     let blocking = tokio::task::spawn_blocking(move || {
-        if work_dir.exists() {
-            fs::remove_dir_all(&work_dir)?;
+        match owner {
+            None => {
+                if work_dir.exists() {
+                    fs::remove_dir_all(&work_dir)?;
+                }
+                fs::create_dir_all(&work_dir)?;
+            }
+            // Never reuses what may have been left there.
+            Some(_) => fs::DirBuilder::new().mode(0o700).create(&work_dir)?,
         }
-        fs::create_dir_all(&work_dir)?;
         let path = work_dir.join(file_name);
         let mut file = fs::OpenOptions::new()
             .write(true)
@@ -613,6 +701,13 @@ async fn write_script(
             .mode(0o700)
             .open(&path)?;
         io::Write::write_all(&mut file, &script)?;
+        // Handed to the user only once written, the file by its descriptor; the directory's
+        // parent is root's and nobody else may write in it, so its path cannot be swapped.
+        if let Some((uid, gid)) = owner {
+            let (uid, gid) = (Some(uid.as_raw()), Some(gid.as_raw()));
+            std::os::unix::fs::fchown(&file, uid, gid)?;
+            std::os::unix::fs::chown(&work_dir, uid, gid)?;
+        }
         // Closed here, before any spawn, so that this process holds no writer of the file.
         drop(file);
         Ok(path)

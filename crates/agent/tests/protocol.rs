@@ -327,6 +327,8 @@ fn execute(script: &str) -> Execute {
         max_script_bytes: 1 << 20,
         output_blob_uri: None,
         error_blob_uri: None,
+        run_as_user: None,
+        replaces: Vec::new(),
     }
 }
 

@@ -8,6 +8,7 @@ use proto::api::{
     CreateRun, ErrorBody, ErrorDetail, Execution, ExecutionEvent, Machine, MachineList, Run,
     RunList,
 };
+use proto::run_command::{RunCommand, RunCommandList};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -96,6 +97,14 @@ impl Client {
 
     async fn json<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T> {
         let response = self.send(request).await?;
+        Ok(self.decode(response).await?.1)
+    }
+
+    /// A successful answer's status and JSON body.
+    async fn decode<T: DeserializeOwned>(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<(StatusCode, T)> {
         let status = response.status();
         let body = response
             .bytes()
@@ -104,10 +113,11 @@ impl Client {
                 url: self.base.clone(),
                 source,
             })?;
-        serde_json::from_slice(&body).map_err(|error| ClientError::Unexpected {
+        let value = serde_json::from_slice(&body).map_err(|error| ClientError::Unexpected {
             status,
             body: format!("{error}: {}", String::from_utf8_lossy(&body)),
-        })
+        })?;
+        Ok((status, value))
     }
 
     pub async fn machines(&self) -> Result<Vec<Machine>> {
@@ -214,6 +224,55 @@ impl Client {
             bytes.extend_from_slice(&chunk?);
         }
         Ok(bytes)
+    }
+
+    fn run_command_path(machine: &str, name: &str) -> String {
+        format!(
+            "/v1/machines/{}/run-commands/{}",
+            encode(machine),
+            encode(name)
+        )
+    }
+
+    /// Creates or replaces a named run command and runs it (`PUT`), or changes some of its
+    /// properties and runs it again (`PATCH`, with `replace` false). `body` is Azure-shaped
+    /// JSON. `wait` bounds how long the server waits for a script that is not asynchronous.
+    /// Answers the HTTP status too: 202 means the script was still running.
+    pub async fn put_run_command(
+        &self,
+        machine: &str,
+        name: &str,
+        body: &serde_json::Value,
+        replace: bool,
+        wait: Option<Duration>,
+    ) -> Result<(StatusCode, RunCommand)> {
+        let method = if replace { Method::PUT } else { Method::PATCH };
+        let mut request = self
+            .request(method, &Self::run_command_path(machine, name))
+            .json(body);
+        if let Some(wait) = wait {
+            request = request.query(&[("wait", format!("{}ms", wait.as_millis()))]);
+        }
+        let response = self.send(request).await?;
+        self.decode(response).await
+    }
+
+    pub async fn run_command(&self, machine: &str, name: &str) -> Result<RunCommand> {
+        self.json(self.request(Method::GET, &Self::run_command_path(machine, name)))
+            .await
+    }
+
+    pub async fn run_commands(&self, machine: &str) -> Result<Vec<RunCommand>> {
+        let path = format!("/v1/machines/{}/run-commands", encode(machine));
+        let list: RunCommandList = self.json(self.request(Method::GET, &path)).await?;
+        Ok(list.value)
+    }
+
+    /// Stops the run command if it runs, and removes it.
+    pub async fn delete_run_command(&self, machine: &str, name: &str) -> Result<()> {
+        let path = Self::run_command_path(machine, name);
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
     }
 
     /// A GET of any path, answered as raw JSON: for tools and tests.

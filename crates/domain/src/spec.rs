@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::ids::ExecutionId;
 use crate::labels::{Selector, SelectorError};
 use crate::limits::Limits;
 use crate::rate::RateLimit;
@@ -72,7 +73,8 @@ pub fn validate_env_name(name: &str) -> bool {
 }
 
 /// A run as the operator asked for it, before validation. Durations are text (`90s`, `5m`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Its `Debug` leaves out the protected parameters' values.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct RunRequest {
     pub machines: Vec<String>,
     pub selector: Option<String>,
@@ -95,10 +97,16 @@ pub struct RunRequest {
     /// Upload the whole stdout / stderr here (HTTP PUT) when the execution ends.
     pub output_blob_uri: Option<String>,
     pub error_blob_uri: Option<String>,
+    /// Exported as environment variables like `parameters`, but never shown again: not in any
+    /// answer, log or event.
+    pub protected_parameters: BTreeMap<String, String>,
+    /// Run the script as this user instead of the agent's (which must then be root).
+    pub run_as_user: Option<String>,
 }
 
-/// A validated run: what is stored and what each machine is sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A validated run: what is stored and what each machine is sent. Its `Debug` leaves out the
+/// protected parameters' values.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RunSpec {
     /// The script as given, `{{parameters}}` and all.
     pub script: String,
@@ -114,12 +122,64 @@ pub struct RunSpec {
     pub script_sha256: Option<String>,
     pub output_blob_uri: Option<String>,
     pub error_blob_uri: Option<String>,
+    pub protected_parameters: BTreeMap<String, String>,
+    pub run_as_user: Option<String>,
+    /// Earlier executions on the same machine that must be gone before this run starts
+    /// there: the open runs of a named run command, which its replacement cancels.
+    pub replaces: Vec<ExecutionId>,
+}
+
+impl std::fmt::Debug for RunRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunRequest")
+            .field("machines", &self.machines)
+            .field("selector", &self.selector)
+            .field("all", &self.all)
+            .field("script", &self.script)
+            .field("parameters", &self.parameters)
+            .field(
+                "protected_parameters",
+                &self.protected_parameters.keys().collect::<Vec<_>>(),
+            )
+            .field("run_as_user", &self.run_as_user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RunSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunSpec")
+            .field("script", &self.script)
+            .field("interpreter", &self.interpreter)
+            .field("parameters", &self.parameters)
+            .field(
+                "protected_parameters",
+                &self.protected_parameters.keys().collect::<Vec<_>>(),
+            )
+            .field("run_as_user", &self.run_as_user)
+            .field("timeout", &self.timeout)
+            .field("script_uri", &self.script_uri.is_some())
+            .field("replaces", &self.replaces)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RunSpec {
-    /// The script with its parameters substituted. Validation already proved this succeeds.
+    /// The script with its parameters, protected ones included, substituted. Validation
+    /// already proved this succeeds.
     pub fn rendered_script(&self) -> Result<String, TemplateError> {
-        render(&self.script, &self.parameters)
+        render(&self.script, &self.all_parameters())
+    }
+
+    /// Plain and protected parameters together: what the script's environment gets.
+    pub fn all_parameters(&self) -> BTreeMap<String, String> {
+        let mut all = self.parameters.clone();
+        all.extend(
+            self.protected_parameters
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        all
     }
 }
 
@@ -194,51 +254,31 @@ impl RunRequest {
             ));
         }
 
-        if self.parameters.len() > limits.max_parameters {
+        check_parameters(&self.parameters, "parameters", limits)?;
+        check_parameters(&self.protected_parameters, "protected_parameters", limits)?;
+        if let Some(name) = self
+            .protected_parameters
+            .keys()
+            .find(|name| self.parameters.contains_key(*name))
+        {
             return Err(ValidationError::new(
-                "TooManyParameters",
-                "parameters",
-                format!(
-                    "{} parameters given, at most {} allowed",
-                    self.parameters.len(),
-                    limits.max_parameters
-                ),
+                "DuplicateParameter",
+                format!("protected_parameters.{name}"),
+                format!("parameter `{name}` is given both plain and protected: give it once"),
             ));
         }
-        for (name, value) in &self.parameters {
-            validate_parameter_name(name).map_err(|error| {
-                ValidationError::new("InvalidParameterName", "parameters", error.to_string())
-            })?;
-            if clobbers_environment(name) {
-                return Err(ValidationError::new(
-                    "ReservedParameterName",
-                    format!("parameters.{name}"),
-                    format!(
-                        "parameter `{name}` would replace the environment variable of the same \
-                         name that the script's process needs; choose another name"
-                    ),
-                ));
-            }
-            if value.len() > limits.max_parameter_value_bytes {
-                return Err(ValidationError::new(
-                    "ParameterTooLarge",
-                    format!("parameters.{name}"),
-                    format!(
-                        "parameter `{name}` is {} bytes, over the limit of {}",
-                        value.len(),
-                        limits.max_parameter_value_bytes
-                    ),
-                ));
-            }
-            if value.contains('\0') {
-                return Err(ValidationError::new(
-                    "InvalidParameterValue",
-                    format!("parameters.{name}"),
-                    format!("parameter `{name}` contains a NUL byte"),
-                ));
-            }
+        if let Some(user) = &self.run_as_user
+            && !valid_user_name(user)
+        {
+            return Err(ValidationError::new(
+                "InvalidRunAsUser",
+                "run_as_user",
+                format!("run_as_user `{user}` is not a user name"),
+            ));
         }
-        if let Err(error) = render(&self.script, &self.parameters) {
+        let mut all_parameters = self.parameters.clone();
+        all_parameters.extend(self.protected_parameters.clone());
+        if let Err(error) = render(&self.script, &all_parameters) {
             let field = match &error {
                 TemplateError::Missing(name) => format!("parameters.{name}"),
                 TemplateError::InvalidName(_) => "parameters".to_string(),
@@ -350,6 +390,9 @@ impl RunRequest {
                 script_sha256: self.script_sha256.map(|digest| digest.to_ascii_lowercase()),
                 output_blob_uri: self.output_blob_uri,
                 error_blob_uri: self.error_blob_uri,
+                protected_parameters: self.protected_parameters,
+                run_as_user: self.run_as_user,
+                replaces: Vec::new(),
             },
         ))
     }
@@ -393,6 +436,71 @@ impl RunRequest {
         // the caller wrote; repeats are dropped later, when names resolve to machines.
         Ok(Targets::Machines(self.machines.clone()))
     }
+}
+
+/// Checks one map of parameters (plain or protected; `field` says which): count, names and
+/// values. A protected value is never quoted in an error.
+fn check_parameters(
+    parameters: &BTreeMap<String, String>,
+    field: &str,
+    limits: &Limits,
+) -> Result<(), ValidationError> {
+    if parameters.len() > limits.max_parameters {
+        return Err(ValidationError::new(
+            "TooManyParameters",
+            field,
+            format!(
+                "{} {field} given, at most {} allowed",
+                parameters.len(),
+                limits.max_parameters
+            ),
+        ));
+    }
+    for (name, value) in parameters {
+        validate_parameter_name(name).map_err(|error| {
+            ValidationError::new("InvalidParameterName", field, error.to_string())
+        })?;
+        if clobbers_environment(name) {
+            return Err(ValidationError::new(
+                "ReservedParameterName",
+                format!("{field}.{name}"),
+                format!(
+                    "parameter `{name}` would replace the environment variable of the same \
+                     name that the script's process needs; choose another name"
+                ),
+            ));
+        }
+        if value.len() > limits.max_parameter_value_bytes {
+            return Err(ValidationError::new(
+                "ParameterTooLarge",
+                format!("{field}.{name}"),
+                format!(
+                    "parameter `{name}` is {} bytes, over the limit of {}",
+                    value.len(),
+                    limits.max_parameter_value_bytes
+                ),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(ValidationError::new(
+                "InvalidParameterValue",
+                format!("{field}.{name}"),
+                format!("parameter `{name}` contains a NUL byte"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A POSIX user name as `useradd` accepts it (or a numeric uid): nothing a shell or a path
+/// could misread.
+fn valid_user_name(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 64
+        && !user.starts_with('-')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '$' | '@'))
 }
 
 /// Parameters are exported as environment variables of the same name; these names would
@@ -593,5 +701,56 @@ mod tests {
             error_of(interpreter),
             ("InvalidInterpreter", "interpreter".into())
         );
+    }
+
+    #[test]
+    fn protected_parameters_render_but_never_show_in_debug() {
+        let mut secret = request("echo {{who}} {{token}}");
+        secret.parameters.insert("who".into(), "me".into());
+        secret
+            .protected_parameters
+            .insert("token".into(), "s3cr3t".into());
+        secret.run_as_user = Some("deploy".into());
+        let (_, spec) = secret.validate(&Limits::default()).expect("valid");
+        assert_eq!(spec.rendered_script().expect("renders"), "echo me s3cr3t");
+        assert_eq!(spec.all_parameters().len(), 2);
+        let shown = format!("{spec:?}");
+        assert!(
+            shown.contains("token") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+
+        let mut twice = request("true");
+        twice.parameters.insert("a".into(), "1".into());
+        twice.protected_parameters.insert("a".into(), "2".into());
+        assert_eq!(
+            error_of(twice),
+            ("DuplicateParameter", "protected_parameters.a".into())
+        );
+        let mut reserved = request("true");
+        reserved
+            .protected_parameters
+            .insert("LD_PRELOAD".into(), "x".into());
+        assert_eq!(
+            error_of(reserved),
+            (
+                "ReservedParameterName",
+                "protected_parameters.LD_PRELOAD".into()
+            )
+        );
+        for user in ["", "-rf", "a b", "x/y", "root;id"] {
+            let mut run_as = request("true");
+            run_as.run_as_user = Some(user.into());
+            assert_eq!(
+                error_of(run_as),
+                ("InvalidRunAsUser", "run_as_user".into()),
+                "{user:?}"
+            );
+        }
+        for user in ["nobody", "1000", "svc-app", "ad.user@corp"] {
+            let mut run_as = request("true");
+            run_as.run_as_user = Some(user.into());
+            assert!(run_as.validate(&Limits::default()).is_ok(), "{user}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 mod config;
 mod daemons;
+mod machine_command;
 mod operator;
 mod table;
 
@@ -60,6 +61,10 @@ enum Command {
     /// List, show and cancel runs; read their output.
     #[command(subcommand)]
     Runs(operator::RunsCommand),
+    /// Named run commands on one machine (Azure's Run Command resource): put, patch, get,
+    /// list, delete.
+    #[command(subcommand)]
+    MachineCommand(machine_command::MachineCommand),
     /// List, show and delete machines.
     #[command(subcommand)]
     Machines(operator::MachinesCommand),
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
             Command::Run(args) => operator::run(*args).await,
             Command::Runs(command) => operator::runs(command).await,
             Command::Machines(command) => operator::machines(command).await,
+            Command::MachineCommand(command) => machine_command::machine_command(command).await,
             Command::Openapi => {
                 println!("{}", openapi_json());
                 ExitCode::SUCCESS

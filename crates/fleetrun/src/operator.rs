@@ -76,12 +76,46 @@ pub(crate) struct RunArgs {
     /// Upload each execution's whole stderr to this pre-signed URL (HTTP PUT) when it ends.
     #[arg(long)]
     error_blob_uri: Option<String>,
+    /// A protected parameter, exported like `--param` but never shown again. `NAME` alone
+    /// takes the value of `$NAME` here, which keeps it off the command line (`ps` shows that).
+    #[arg(long = "protected-param", value_parser = name_maybe_value)]
+    protected_params: Vec<(String, Option<String>)>,
+    /// Run the script as this user (the agent must run as root).
+    #[arg(long)]
+    run_as: Option<String>,
     /// Print the run id and return without waiting.
     #[arg(long)]
     no_wait: bool,
 }
 
-fn key_value(text: &str) -> Result<(String, String), String> {
+pub(crate) fn name_maybe_value(text: &str) -> Result<(String, Option<String>), String> {
+    Ok(match text.split_once('=') {
+        Some((name, value)) => (name.to_string(), Some(value.to_string())),
+        None => (text.to_string(), None),
+    })
+}
+
+/// Protected parameters with their values: given, or read from this process's environment.
+pub(crate) fn protected_parameters(
+    given: Vec<(String, Option<String>)>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    given
+        .into_iter()
+        .map(|(name, value)| {
+            let value = match value {
+                Some(value) => value,
+                None => std::env::var(&name).map_err(|_| {
+                    anyhow::anyhow!(
+                        "--protected-param {name}: give NAME=VALUE, or set ${name} in the environment"
+                    )
+                })?,
+            };
+            Ok((name, value))
+        })
+        .collect()
+}
+
+pub(crate) fn key_value(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(key, value)| (key.to_string(), value.to_string()))
         .ok_or_else(|| format!("`{text}` must be written name=value"))
@@ -147,19 +181,19 @@ pub(crate) enum MachinesCommand {
     },
 }
 
-fn client(connection: &Connection) -> anyhow::Result<Client> {
+pub(crate) fn client(connection: &Connection) -> anyhow::Result<Client> {
     let token = connection.token.as_deref().ok_or_else(|| {
         anyhow!("no API token: pass --token or set FLEETRUN_TOKEN (fleetrun dev writes it to .fleetrun-dev/dev.env)")
     })?;
     Ok(Client::new(&connection.url, token)?)
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
-fn fail(error: anyhow::Error, code: u8) -> ExitCode {
+pub(crate) fn fail(error: anyhow::Error, code: u8) -> ExitCode {
     eprintln!("fleetrun: {error:#}");
     ExitCode::from(code)
 }
@@ -210,6 +244,8 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
         script_sha256: args.script_sha256,
         output_blob_uri: args.output_blob_uri,
         error_blob_uri: args.error_blob_uri,
+        protected_parameters: protected_parameters(args.protected_params)?,
+        run_as_user: args.run_as,
     };
     let json = args.connection.format == Format::Json;
     let run = client.create_run(&request).await?;

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Bumped when a message changes incompatibly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest output chunk an agent puts in one frame.
 pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
@@ -166,7 +166,8 @@ pub struct Resume {
 }
 
 /// One execution for the agent to run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Its `Debug` leaves out the script and the environment, which may hold protected values.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Execute {
     pub execution_id: Uuid,
     pub run_id: Uuid,
@@ -196,6 +197,27 @@ pub struct Execute {
     pub output_blob_uri: Option<String>,
     #[serde(default)]
     pub error_blob_uri: Option<String>,
+    /// Run the script as this user: the agent must run as root (or as that user).
+    #[serde(default)]
+    pub run_as_user: Option<String>,
+    /// Earlier executions that must be gone from this machine before this one starts: the
+    /// agent cancels those it holds and waits until their process groups are gone.
+    #[serde(default)]
+    pub replaces: Vec<Uuid>,
+}
+
+impl std::fmt::Debug for Execute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Execute")
+            .field("execution_id", &self.execution_id)
+            .field("run_id", &self.run_id)
+            .field("interpreter", &self.interpreter)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("timeout_ms", &self.timeout_ms)
+            .field("run_as_user", &self.run_as_user)
+            .field("replaces", &self.replaces)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a frame could not be decoded.

@@ -97,7 +97,8 @@ pub struct TargetsBody {
     pub all: bool,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// Its `Debug` leaves out the protected parameters' values.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRun {
     pub targets: TargetsBody,
@@ -146,6 +147,28 @@ pub struct CreateRun {
     /// The same for stderr.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_blob_uri: Option<String>,
+    /// Exported as environment variables (and substituted into `{{name}}`) like
+    /// `parameters`, but never returned, logged or shown again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub protected_parameters: BTreeMap<String, String>,
+    /// Run the script as this user. The agent must run as root to switch users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<String>,
+}
+
+impl std::fmt::Debug for CreateRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateRun")
+            .field("targets", &self.targets)
+            .field("script", &self.script)
+            .field("parameters", &self.parameters)
+            .field(
+                "protected_parameters",
+                &self.protected_parameters.keys().collect::<Vec<_>>(),
+            )
+            .field("run_as_user", &self.run_as_user)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -173,12 +196,18 @@ pub struct Run {
     pub max_errors: Option<String>,
     /// Why rate control stopped sending the rest of the run (max_errors reached).
     pub stop_reason: Option<String>,
+    /// Shown without its query string, which holds a pre-signed URL's signature.
     pub script_uri: Option<String>,
     pub script_sha256: Option<String>,
     /// Upload destinations are pre-signed URLs, which are secrets: only whether one is set is
     /// shown.
     pub output_blob_uri_set: bool,
     pub error_blob_uri_set: bool,
+    /// The names of the protected parameters; their values are never returned.
+    #[serde(default)]
+    pub protected_parameters: Vec<String>,
+    #[serde(default)]
+    pub run_as_user: Option<String>,
     /// Present on a single run's detail, absent in lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executions: Option<Vec<Execution>>,

@@ -31,7 +31,7 @@ pub(crate) fn execute_message(
     };
     // Parameters are exported as environment variables of the same name; an explicit
     // environment variable of the same name wins.
-    let mut env: BTreeMap<String, String> = run.spec.parameters.clone();
+    let mut env: BTreeMap<String, String> = run.spec.all_parameters();
     env.extend(run.spec.env.clone());
     Some(ServerMessage::Execute(Box::new(Execute {
         execution_id: execution_id.as_uuid(),
@@ -51,6 +51,8 @@ pub(crate) fn execute_message(
         max_script_bytes: state.limits.max_script_bytes,
         output_blob_uri: run.spec.output_blob_uri.clone(),
         error_blob_uri: run.spec.error_blob_uri.clone(),
+        run_as_user: run.spec.run_as_user.clone(),
+        replaces: run.spec.replaces.iter().map(|id| id.as_uuid()).collect(),
     })))
 }
 

@@ -134,10 +134,18 @@ impl From<JsonRejection> for ApiError {
             let end = detail[start..].find('`')? + start;
             Some(detail[start..end].to_string())
         });
+        // serde quotes the value it could not take: not when that value is a secret.
+        let message = match &field {
+            Some(field) if field.starts_with("protected_parameters") => format!(
+                "the request body is not valid: {field}: not a valid value (it is not shown: \
+                 it is a secret)"
+            ),
+            _ => format!("the request body is not valid: {detail}"),
+        };
         ApiError {
             status,
             code: "InvalidBody",
-            message: format!("the request body is not valid: {detail}"),
+            message,
             field,
         }
     }

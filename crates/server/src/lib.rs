@@ -43,6 +43,8 @@ pub struct Shared {
     small_output: Mutex<HashMap<ExecutionId, [Vec<u8>; 2]>>,
     /// Woken when a new delivery deadline may be earlier than the one being waited for.
     deadlines_changed: Notify,
+    /// Held while a named run command is replaced or deleted.
+    run_commands: tokio::sync::Mutex<()>,
 }
 
 impl std::ops::Deref for AppState {
@@ -66,6 +68,7 @@ impl AppState {
             writer,
             small_output: Mutex::default(),
             deadlines_changed: Notify::new(),
+            run_commands: tokio::sync::Mutex::new(()),
         }));
         writer::Writer::start(&state, receiver);
         state

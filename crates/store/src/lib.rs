@@ -8,7 +8,7 @@ mod sqlite;
 pub use blobs::LocalBlobs;
 pub use records::{
     CancelOutcome, Change, ExecutionRecord, ExecutionUpdate, Finish, MachineRecord, NewExecution,
-    NewMachine, NewRun, Outcome, RunRecord, TokenKind, TokenRecord,
+    NewMachine, NewRun, Outcome, RunCommandRecord, RunRecord, TokenKind, TokenRecord,
 };
 pub use sqlite::SqliteStore;
 
@@ -56,6 +56,30 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a run and all its executions, in one transaction. `released` in the outcome
     /// are the executions to send now.
     async fn create_run(&self, run: &NewRun, executions: &[NewExecution]) -> Result<Outcome>;
+    /// Creates a run (as `create_run`) and points the named run command at it, creating or
+    /// replacing the name, in one transaction.
+    async fn put_run_command(
+        &self,
+        command: &RunCommandRecord,
+        run: &NewRun,
+        executions: &[NewExecution],
+    ) -> Result<Outcome>;
+    /// The executions on `machine` of runs made for the named run command `name` (now or
+    /// before it was deleted) that have not ended.
+    async fn open_run_command_executions(
+        &self,
+        machine: MachineId,
+        name: &str,
+    ) -> Result<Vec<ExecutionRecord>>;
+    async fn get_run_command(
+        &self,
+        machine: MachineId,
+        name: &str,
+    ) -> Result<Option<RunCommandRecord>>;
+    /// A machine's run commands, by name.
+    async fn list_run_commands(&self, machine: MachineId) -> Result<Vec<RunCommandRecord>>;
+    /// Removes the name; its runs stay in the history. False when there was no such name.
+    async fn delete_run_command(&self, machine: MachineId, name: &str) -> Result<bool>;
     async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>>;
     /// A run without its counts (which cost a pass over its executions): for delivering it.
     async fn get_run_spec(&self, id: RunId) -> Result<Option<RunRecord>>;

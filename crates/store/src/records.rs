@@ -72,6 +72,18 @@ pub struct NewRun {
     pub spec: RunSpec,
 }
 
+/// A named run command: the name under a machine, and its latest run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCommandRecord {
+    pub machine_id: MachineId,
+    pub name: String,
+    pub run_id: RunId,
+    pub async_execution: bool,
+    pub treat_failure_as_deployment_failure: bool,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewExecution {
     pub id: ExecutionId,

@@ -24,7 +24,8 @@ use crate::{Result, Store, StoreError};
 
 /// Each entry moves the schema one version forward; `PRAGMA user_version` records how far a
 /// database has come. Never edit an entry that has shipped: add one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tokens (
     hash TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -99,7 +100,31 @@ CREATE INDEX executions_machine_open ON executions(machine_id)
     WHERE state IN ('pending', 'delivered', 'running');
 CREATE INDEX executions_pending_deadline ON executions(delivery_deadline)
     WHERE state = 'pending';
-"#];
+"#,
+    r#"
+ALTER TABLE runs ADD COLUMN protected_parameters TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE runs ADD COLUMN run_as_user TEXT;
+ALTER TABLE runs ADD COLUMN replaces TEXT NOT NULL DEFAULT '[]';
+-- The named run command a run was made for, if any: its open executions are what the next run
+-- of the name must stop first.
+ALTER TABLE runs ADD COLUMN run_command TEXT COLLATE NOCASE;
+CREATE INDEX runs_run_command ON runs(run_command) WHERE run_command IS NOT NULL;
+-- Named run commands (`machines/{m}/run-commands/{name}`): a name for the latest of a series of
+-- runs on one machine. The runs keep the script and its settings; earlier ones stay in the
+-- history.
+CREATE TABLE run_commands (
+    machine_id TEXT NOT NULL,
+    -- Azure's resource names are case-insensitive: `Deploy` and `deploy` are one command.
+    name TEXT NOT NULL COLLATE NOCASE,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    async_execution INTEGER NOT NULL,
+    treat_failure_as_deployment_failure INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (machine_id, name)
+);
+"#,
+];
 
 const EXECUTION_COLUMNS: &str = "id, run_id, machine_id, machine_name, state, exit_code, message, \
     created_at, delivered_at, started_at, finished_at, delivery_deadline, cancel_requested, \
@@ -114,7 +139,10 @@ const RETURNED_COLUMNS: &str = "executions.id AS id, run_id, machine_id, machine
 const RUN_COLUMNS: &str = "id, created_at, targets_kind, targets_value, script, interpreter, \
     parameters, env, workdir, timeout_ms, delivery_timeout_ms, cancel_requested, \
     max_concurrency, max_errors, stop_reason, script_uri, script_sha256, output_blob_uri, \
-    error_blob_uri";
+    error_blob_uri, protected_parameters, run_as_user, replaces";
+
+const RUN_COMMAND_COLUMNS: &str = "machine_id, name, run_id, async_execution, \
+    treat_failure_as_deployment_failure, created_at, updated_at";
 
 const MACHINE_COLUMNS: &str = "id, name, labels, hostname, os, arch, agent_version, interpreters, enrolled_at, last_seen_at, \
      deleted_at";
@@ -204,6 +232,118 @@ impl SqliteStore {
             .map(execution_from_row)
             .collect()
     }
+}
+
+/// Inserts a run and its executions in `tx`. `released` in the outcome are the executions to
+/// send once it commits.
+async fn insert_run(
+    tx: &mut Transaction<'_, Sqlite>,
+    run: &NewRun,
+    executions: &[NewExecution],
+) -> Result<Outcome> {
+    let run_id = run.id.to_string();
+    let (targets_kind, targets_value) = targets_to_columns(&run.targets);
+    // With a concurrency window, executions start held back and are released by `settle`;
+    // their delivery deadline starts when they are released.
+    let held_back = run.spec.max_concurrency.is_some();
+    sqlx::query(&format!(
+            "INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&run_id)
+        .bind(run.created_at)
+        .bind(targets_kind)
+        .bind(targets_value)
+        .bind(&run.spec.script)
+        .bind(run.spec.interpreter.as_ref().map(|i| i.as_str().to_string()))
+        .bind(to_json(&run.spec.parameters))
+        .bind(to_json(&run.spec.env))
+        .bind(&run.spec.workdir)
+        .bind(run.spec.timeout.as_millis() as i64)
+        .bind(run.spec.delivery_timeout.as_millis() as i64)
+        .bind(run.spec.max_concurrency.map(|limit| limit.to_string()))
+        .bind(run.spec.max_errors.map(|limit| limit.to_string()))
+        .bind(&run.spec.script_uri)
+        .bind(&run.spec.script_sha256)
+        .bind(&run.spec.output_blob_uri)
+        .bind(&run.spec.error_blob_uri)
+        .bind(to_json(&run.spec.protected_parameters))
+        .bind(&run.spec.run_as_user)
+        .bind(to_json(
+            &run.spec
+                .replaces
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        ))
+        .execute(&mut **tx)
+        .await?;
+    // Many rows per statement: a fan-out to thousands of machines is a few statements.
+    let mut released = Vec::new();
+    let mut ineligible = Vec::new();
+    for chunk in executions.chunks(100) {
+        let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO executions (id, run_id, machine_id, machine_name, state, created_at, \
+                 delivery_deadline, released, message, finished_at) VALUES {values} \
+                 RETURNING {EXECUTION_COLUMNS}"
+        );
+        let mut query = sqlx::query(&sql);
+        for execution in chunk {
+            query = query
+                .bind(execution.id.to_string())
+                .bind(&run_id)
+                .bind(execution.machine_id.to_string())
+                .bind(&execution.machine_name)
+                .bind(if execution.ineligible.is_some() {
+                    "failed"
+                } else {
+                    "pending"
+                })
+                .bind(run.created_at)
+                .bind(if held_back {
+                    i64::MAX
+                } else {
+                    execution.delivery_deadline
+                })
+                .bind((!held_back || execution.ineligible.is_some()) as i64)
+                .bind(&execution.ineligible)
+                .bind(execution.ineligible.as_ref().map(|_| run.created_at));
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let execution = execution_from_row(&row)?;
+            if execution.state == ExecutionState::Pending && execution.released {
+                released.push(execution);
+            } else if execution.state.is_terminal() {
+                ineligible.push(execution);
+            }
+        }
+    }
+    let mut outcome = Outcome {
+        released,
+        ..Outcome::default()
+    };
+    if !ineligible.is_empty() {
+        // Ineligible targets count as failures for max_errors, may be all there is, and
+        // settling them advances a rate-limited run too.
+        outcome.absorb(settle(tx, ineligible, run.created_at).await?);
+    } else if held_back {
+        outcome.absorb(advance(tx, &[run.id], run.created_at).await?);
+    }
+    Ok(outcome)
+}
+
+fn run_command_from_row(row: &SqliteRow) -> Result<RunCommandRecord> {
+    Ok(RunCommandRecord {
+        machine_id: parse_id(&row.try_get::<String, _>("machine_id")?)?,
+        name: row.try_get("name")?,
+        run_id: parse_id(&row.try_get::<String, _>("run_id")?)?,
+        async_execution: row.try_get::<i64, _>("async_execution")? != 0,
+        treat_failure_as_deployment_failure: row
+            .try_get::<i64, _>("treat_failure_as_deployment_failure")?
+            != 0,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
 }
 
 async fn migrate(pool: &SqlitePool) -> Result<()> {
@@ -311,6 +451,12 @@ fn run_from_row(
             script_sha256: row.try_get("script_sha256")?,
             output_blob_uri: row.try_get("output_blob_uri")?,
             error_blob_uri: row.try_get("error_blob_uri")?,
+            protected_parameters: from_json(&row.try_get::<String, _>("protected_parameters")?)?,
+            run_as_user: row.try_get("run_as_user")?,
+            replaces: from_json::<Vec<String>>(&row.try_get::<String, _>("replaces")?)?
+                .iter()
+                .map(|id| parse_id(id))
+                .collect::<Result<_>>()?,
         },
         stop_reason: row.try_get("stop_reason")?,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
@@ -539,88 +685,102 @@ impl Store for SqliteStore {
     }
 
     async fn create_run(&self, run: &NewRun, executions: &[NewExecution]) -> Result<Outcome> {
-        let run_id = run.id.to_string();
-        let (targets_kind, targets_value) = targets_to_columns(&run.targets);
-        // With a concurrency window, executions start held back and are released by `settle`;
-        // their delivery deadline starts when they are released.
-        let held_back = run.spec.max_concurrency.is_some();
         let mut tx = self.writer.begin().await?;
-        sqlx::query(&format!(
-            "INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, NULL, ?, ?, ?, ?)"
-        ))
-        .bind(&run_id)
-        .bind(run.created_at)
-        .bind(targets_kind)
-        .bind(targets_value)
-        .bind(&run.spec.script)
-        .bind(run.spec.interpreter.as_ref().map(|i| i.as_str().to_string()))
-        .bind(to_json(&run.spec.parameters))
-        .bind(to_json(&run.spec.env))
-        .bind(&run.spec.workdir)
-        .bind(run.spec.timeout.as_millis() as i64)
-        .bind(run.spec.delivery_timeout.as_millis() as i64)
-        .bind(run.spec.max_concurrency.map(|limit| limit.to_string()))
-        .bind(run.spec.max_errors.map(|limit| limit.to_string()))
-        .bind(&run.spec.script_uri)
-        .bind(&run.spec.script_sha256)
-        .bind(&run.spec.output_blob_uri)
-        .bind(&run.spec.error_blob_uri)
-        .execute(&mut *tx)
-        .await?;
-        // Many rows per statement: a fan-out to thousands of machines is a few statements.
-        let mut released = Vec::new();
-        let mut ineligible = Vec::new();
-        for chunk in executions.chunks(100) {
-            let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-            let sql = format!(
-                "INSERT INTO executions (id, run_id, machine_id, machine_name, state, created_at, \
-                 delivery_deadline, released, message, finished_at) VALUES {values} \
-                 RETURNING {EXECUTION_COLUMNS}"
-            );
-            let mut query = sqlx::query(&sql);
-            for execution in chunk {
-                query = query
-                    .bind(execution.id.to_string())
-                    .bind(&run_id)
-                    .bind(execution.machine_id.to_string())
-                    .bind(&execution.machine_name)
-                    .bind(if execution.ineligible.is_some() {
-                        "failed"
-                    } else {
-                        "pending"
-                    })
-                    .bind(run.created_at)
-                    .bind(if held_back {
-                        i64::MAX
-                    } else {
-                        execution.delivery_deadline
-                    })
-                    .bind((!held_back || execution.ineligible.is_some()) as i64)
-                    .bind(&execution.ineligible)
-                    .bind(execution.ineligible.as_ref().map(|_| run.created_at));
-            }
-            for row in query.fetch_all(&mut *tx).await? {
-                let execution = execution_from_row(&row)?;
-                if execution.state == ExecutionState::Pending && execution.released {
-                    released.push(execution);
-                } else if execution.state.is_terminal() {
-                    ineligible.push(execution);
-                }
-            }
-        }
-        let mut outcome = Outcome {
-            released,
-            ..Outcome::default()
-        };
-        if !ineligible.is_empty() {
-            // Ineligible targets count as failures for max_errors, may be all there is, and
-            // settling them advances a rate-limited run too.
-            outcome.absorb(settle(&mut tx, ineligible, run.created_at).await?);
-        } else if held_back {
-            outcome.absorb(advance(&mut tx, &[run.id], run.created_at).await?);
-        }
+        let outcome = insert_run(&mut tx, run, executions).await?;
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    async fn put_run_command(
+        &self,
+        command: &RunCommandRecord,
+        run: &NewRun,
+        executions: &[NewExecution],
+    ) -> Result<Outcome> {
+        let mut tx = self.writer.begin().await?;
+        let outcome = insert_run(&mut tx, run, executions).await?;
+        sqlx::query(&format!(
+            "INSERT INTO run_commands ({RUN_COMMAND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (machine_id, name) DO UPDATE SET run_id = excluded.run_id, \
+             async_execution = excluded.async_execution, \
+             treat_failure_as_deployment_failure = excluded.treat_failure_as_deployment_failure, \
+             updated_at = excluded.updated_at"
+        ))
+        .bind(command.machine_id.to_string())
+        .bind(&command.name)
+        .bind(command.run_id.to_string())
+        .bind(command.async_execution as i64)
+        .bind(command.treat_failure_as_deployment_failure as i64)
+        .bind(command.created_at)
+        .bind(command.updated_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE runs SET run_command = ? WHERE id = ?")
+            .bind(&command.name)
+            .bind(command.run_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn open_run_command_executions(
+        &self,
+        machine: MachineId,
+        name: &str,
+    ) -> Result<Vec<ExecutionRecord>> {
+        let sql = format!(
+            "SELECT {EXECUTION_COLUMNS} FROM executions WHERE machine_id = ? \
+             AND state IN ('pending', 'delivered', 'running') \
+             AND run_id IN (SELECT id FROM runs WHERE run_command = ?)"
+        );
+        sqlx::query(&sql)
+            .bind(machine.to_string())
+            .bind(name)
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(execution_from_row)
+            .collect()
+    }
+
+    async fn get_run_command(
+        &self,
+        machine: MachineId,
+        name: &str,
+    ) -> Result<Option<RunCommandRecord>> {
+        let sql = format!(
+            "SELECT {RUN_COMMAND_COLUMNS} FROM run_commands WHERE machine_id = ? AND name = ?"
+        );
+        sqlx::query(&sql)
+            .bind(machine.to_string())
+            .bind(name)
+            .fetch_optional(&self.readers)
+            .await?
+            .map(|row| run_command_from_row(&row))
+            .transpose()
+    }
+
+    async fn list_run_commands(&self, machine: MachineId) -> Result<Vec<RunCommandRecord>> {
+        let sql = format!(
+            "SELECT {RUN_COMMAND_COLUMNS} FROM run_commands WHERE machine_id = ? ORDER BY name"
+        );
+        sqlx::query(&sql)
+            .bind(machine.to_string())
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(run_command_from_row)
+            .collect()
+    }
+
+    async fn delete_run_command(&self, machine: MachineId, name: &str) -> Result<bool> {
+        let deleted = sqlx::query("DELETE FROM run_commands WHERE machine_id = ? AND name = ?")
+            .bind(machine.to_string())
+            .bind(name)
+            .execute(&self.writer)
+            .await?;
+        Ok(deleted.rows_affected() > 0)
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>> {

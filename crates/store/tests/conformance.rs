@@ -502,3 +502,129 @@ async fn ineligible_targets_are_failed_executions_not_a_rejected_run() -> TestRe
     assert_eq!(created.finished_runs, vec![only.id]);
     Ok(())
 }
+
+#[tokio::test]
+async fn named_run_commands_point_at_their_latest_run() -> TestResult {
+    let (_dir, store) = sqlite().await?;
+    let a = machine(&store, "a").await?;
+    let b = machine(&store, "b").await?;
+    let (_, first_executions) = run_on(&store, &[a], 1000).await?;
+
+    // A run with the spec fields named run commands use, put under a name.
+    let request = RunRequest {
+        machines: vec![a.to_string()],
+        script: "echo {{who}} $token".into(),
+        parameters: [("who".to_string(), "world".to_string())].into(),
+        protected_parameters: [("token".to_string(), "secret".to_string())].into(),
+        run_as_user: Some("nobody".into()),
+        ..RunRequest::default()
+    };
+    let (targets, mut spec) = request.validate(&Limits::default())?;
+    spec.replaces = vec![first_executions[0]];
+    let run = NewRun {
+        id: RunId::new(),
+        created_at: 20,
+        targets,
+        spec,
+    };
+    let execution = NewExecution {
+        id: ExecutionId::new(),
+        machine_id: a,
+        machine_name: "a".into(),
+        delivery_deadline: 1000,
+        ineligible: None,
+    };
+    let command = store::RunCommandRecord {
+        machine_id: a,
+        name: "deploy".into(),
+        run_id: run.id,
+        async_execution: false,
+        treat_failure_as_deployment_failure: true,
+        created_at: 20,
+        updated_at: 20,
+    };
+    let outcome = store
+        .put_run_command(&command, &run, std::slice::from_ref(&execution))
+        .await?;
+    assert_eq!(ids(&outcome.released), vec![execution.id]);
+    assert_eq!(
+        store.get_run_command(a, "deploy").await?,
+        Some(command.clone())
+    );
+    assert_eq!(store.get_run_command(b, "deploy").await?, None);
+
+    let stored = store.get_run_spec(run.id).await?.ok_or("run")?;
+    assert_eq!(stored.spec.protected_parameters["token"], "secret");
+    assert_eq!(stored.spec.run_as_user.as_deref(), Some("nobody"));
+    assert_eq!(stored.spec.replaces, vec![first_executions[0]]);
+    // The run is the command's: while it is open, it is what the next run of the name (in
+    // any case) replaces.
+    let open = store.open_run_command_executions(a, "DEPLOY").await?;
+    assert_eq!(ids(&open), vec![execution.id]);
+    assert!(
+        store
+            .open_run_command_executions(b, "deploy")
+            .await?
+            .is_empty()
+    );
+
+    // Putting the name again points it at the new run and keeps when it was created.
+    let again = NewRun {
+        id: RunId::new(),
+        ..run.clone()
+    };
+    let replaced = store::RunCommandRecord {
+        run_id: again.id,
+        async_execution: true,
+        updated_at: 30,
+        ..command.clone()
+    };
+    store
+        .put_run_command(
+            &replaced,
+            &again,
+            &[NewExecution {
+                id: ExecutionId::new(),
+                ..execution.clone()
+            }],
+        )
+        .await?;
+    let shown = store.get_run_command(a, "deploy").await?.ok_or("command")?;
+    assert_eq!(shown.run_id, again.id);
+    assert_eq!((shown.created_at, shown.updated_at), (20, 30));
+    assert!(shown.async_execution);
+
+    let other_run = NewRun {
+        id: RunId::new(),
+        ..run.clone()
+    };
+    let second = store::RunCommandRecord {
+        name: "another".into(),
+        run_id: other_run.id,
+        ..command.clone()
+    };
+    store
+        .put_run_command(
+            &second,
+            &other_run,
+            &[NewExecution {
+                id: ExecutionId::new(),
+                ..execution.clone()
+            }],
+        )
+        .await?;
+    let names: Vec<String> = store
+        .list_run_commands(a)
+        .await?
+        .into_iter()
+        .map(|command| command.name)
+        .collect();
+    assert_eq!(names, vec!["another".to_string(), "deploy".to_string()]);
+
+    assert!(store.delete_run_command(a, "deploy").await?);
+    assert!(!store.delete_run_command(a, "deploy").await?);
+    assert_eq!(store.get_run_command(a, "deploy").await?, None);
+    // The runs stay.
+    assert!(store.get_run(again.id).await?.is_some());
+    Ok(())
+}

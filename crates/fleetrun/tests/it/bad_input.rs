@@ -111,6 +111,22 @@ fn bad_run_requests_are_refused_with_a_code_and_a_field() {
         "ConflictingTargets",
         "targets",
     );
+    // A refused secret is not quoted back.
+    let message = check(
+        &cluster,
+        json!({"targets": all, "script": "true", "protected_parameters": {"token": ["s3cr3t"]}}),
+        400,
+        "InvalidBody",
+        "protected_parameters.token",
+    );
+    assert!(!message.contains("s3cr3t"), "{message}");
+    check(
+        &cluster,
+        json!({"targets": all, "script": "true", "run_as_user": "two words"}),
+        400,
+        "InvalidRunAsUser",
+        "run_as_user",
+    );
 
     assert_eq!(cluster.run_count(), 0);
 }

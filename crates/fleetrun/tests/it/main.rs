@@ -7,5 +7,6 @@ mod dev;
 mod harness;
 mod rate;
 mod resilience;
+mod run_commands;
 mod runs;
 mod sources;

@@ -51,6 +51,11 @@ pub(crate) fn targets(targets: &Targets) -> api::TargetsBody {
     }
 }
 
+/// A URL without its query string and fragment, which hold pre-signed URLs' signatures.
+pub(crate) fn without_query(uri: &str) -> String {
+    uri.split(['?', '#']).next().unwrap_or_default().to_string()
+}
+
 pub(crate) fn run(record: RunRecord, executions: Option<Vec<ExecutionRecord>>) -> api::Run {
     let status = RunStatus::derive(&record.counts, record.cancel_requested);
     api::Run {
@@ -78,7 +83,9 @@ pub(crate) fn run(record: RunRecord, executions: Option<Vec<ExecutionRecord>>) -
         stop_reason: record.stop_reason,
         output_blob_uri_set: record.spec.output_blob_uri.is_some(),
         error_blob_uri_set: record.spec.error_blob_uri.is_some(),
-        script_uri: record.spec.script_uri,
+        protected_parameters: record.spec.protected_parameters.into_keys().collect(),
+        run_as_user: record.spec.run_as_user,
+        script_uri: record.spec.script_uri.as_deref().map(without_query),
         script_sha256: record.spec.script_sha256,
         executions: executions.map(|list| list.into_iter().map(execution).collect()),
     }

@@ -4,6 +4,7 @@
 mod agents;
 mod convert;
 mod machines;
+mod run_commands;
 mod run_events;
 mod runs;
 
@@ -55,6 +56,13 @@ fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::list_executions))
         .routes(routes!(runs::get_execution))
         .routes(routes!(runs::execution_output))
+        .routes(routes!(
+            run_commands::put_run_command,
+            run_commands::patch_run_command,
+            run_commands::get_run_command,
+            run_commands::delete_run_command
+        ))
+        .routes(routes!(run_commands::list_run_commands))
 }
 
 /// The OpenAPI document of the API, as served at `/v1/openapi.json`.

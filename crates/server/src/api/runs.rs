@@ -119,6 +119,8 @@ pub(crate) async fn create_run(
         script_sha256: body.script_sha256,
         output_blob_uri: body.output_blob_uri,
         error_blob_uri: body.error_blob_uri,
+        protected_parameters: body.protected_parameters,
+        run_as_user: body.run_as_user,
     };
     let (targets, spec) = request.validate(&state.limits)?;
     let machines = resolve_targets(&state, &targets).await?;
