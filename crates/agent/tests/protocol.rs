@@ -640,6 +640,67 @@ async fn cancel_and_a_repeated_execute() {
     agent.stop().await.expect("a clean stop");
 }
 
+/// A named run command's new execution names the ones it replaces: the agent stops them
+/// itself and starts the new script only once they are gone; a replacement canceled while it
+/// waits never starts.
+#[tokio::test]
+async fn a_replacement_starts_only_once_what_it_replaces_is_gone() {
+    let mut server = FakeServer::start().await;
+    let agent = RunningAgent::start(&server.url, Some(ENROLL_TOKEN), state_dir());
+    let mut connection = server.connection().await;
+    connection.hello().await;
+    connection.send(ServerMessage::Welcome {
+        machine_id: Uuid::now_v7(),
+        resume: Vec::new(),
+    });
+
+    // It ignores SIGTERM: only SIGKILL after the kill grace ends it.
+    let stubborn = || execute("trap '' TERM; echo ready; sleep 300");
+    let old = stubborn();
+    let old_id = old.execution_id;
+    connection.send(ServerMessage::Execute(Box::new(old)));
+    connection.first_output(old_id).await;
+    let mut new = execute("echo new");
+    new.replaces = vec![old_id, Uuid::now_v7()];
+    let new_id = new.execution_id;
+    connection.send(ServerMessage::Execute(Box::new(new)));
+    let (messages, finished) = connection.until_finished(new_id).await;
+    assert_eq!(finished.outcome, Outcome::Succeeded);
+    let position = |wanted: &dyn Fn(&AgentMessage) -> bool| {
+        messages.iter().position(wanted).expect("message sent")
+    };
+    let old_ended = position(&|message| {
+        matches!(message, AgentMessage::Finished(end)
+            if end.execution_id == old_id && end.outcome == Outcome::Canceled)
+    });
+    let new_started = position(
+        &|message| matches!(message, AgentMessage::Started { execution_id, .. } if *execution_id == new_id),
+    );
+    assert!(old_ended < new_started, "{messages:?}");
+
+    let old = stubborn();
+    let old_id = old.execution_id;
+    connection.send(ServerMessage::Execute(Box::new(old)));
+    connection.first_output(old_id).await;
+    let mut canceled = execute("echo never");
+    canceled.replaces = vec![old_id];
+    let canceled_id = canceled.execution_id;
+    connection.send(ServerMessage::Execute(Box::new(canceled)));
+    connection.send(ServerMessage::Cancel {
+        execution_id: canceled_id,
+    });
+    let (messages, finished) = connection.until_finished(canceled_id).await;
+    assert_eq!(finished.outcome, Outcome::Canceled);
+    assert_eq!(finished.started_at, None, "{finished:?}");
+    assert!(
+        !messages.iter().any(|message| matches!(message,
+            AgentMessage::Started { execution_id, .. } if *execution_id == canceled_id)),
+        "{messages:?}"
+    );
+
+    agent.stop().await.expect("a clean stop");
+}
+
 #[tokio::test]
 async fn a_rejected_enrollment_token_stops_the_agent() {
     let server = FakeServer::start().await;
