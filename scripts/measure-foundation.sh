@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Measures the foundation's two figures on this machine, with the release build:
 # the single-target round trip of `fleetrun run --machine M true` (median of 20, through the
-# CLI, process start included) and the idle RSS of a real agent process.
+# CLI, process start included), a named run command's synchronous PUT (plain, and replacing
+# a running script), and the idle RSS of a real agent process.
 # Usage: scripts/measure-foundation.sh   (builds target/release/fleetrun if needed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,22 @@ median=$(( (sorted[9] + sorted[10]) / 2 ))
 printf 'round trip `fleetrun run --machine bench-1 true` (20 runs): median %d.%03d ms, min %d.%03d ms, max %d.%03d ms\n' \
   $((median / 1000)) $((median % 1000)) $((sorted[0] / 1000)) $((sorted[0] % 1000)) \
   $((sorted[19] / 1000)) $((sorted[19] % 1000))
+
+# A named run command: a synchronous PUT of `true` answers once the script has ended; each
+# replaces the last. curl's own time, from connect to the last byte.
+put() {
+  curl -s -o /dev/null -w '%{time_total}\n' -X PUT \
+    -H "Authorization: Bearer $FLEETRUN_TOKEN" -H 'content-type: application/json' \
+    "$FLEETRUN_URL/v1/machines/bench-1/run-commands/$1" -d "$2"
+}
+put bench '{"source":{"script":"true"}}' >/dev/null   # warm up
+put_times=($(for _ in $(seq 20); do put bench '{"source":{"script":"true"}}'; done | sort -n))
+printf 'named run command, synchronous PUT of `true` (20 puts): median %.1f ms, max %.1f ms\n' \
+  "$(echo "(${put_times[9]} + ${put_times[10]}) * 500" | bc -l)" "$(echo "${put_times[19]} * 1000" | bc -l)"
+put long '{"source":{"script":"sleep 300"},"asyncExecution":true}' >/dev/null
+sleep 0.5
+printf 'named run command, PUT replacing a running `sleep 300` (stopped first): %.1f ms\n' \
+  "$(echo "$(put long '{"source":{"script":"true"}}') * 1000" | bc -l)"
 
 ticks_before=$(awk '{print $14 + $15}' "/proc/$agent_pid/stat")
 sleep 10
