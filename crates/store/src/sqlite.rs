@@ -698,6 +698,12 @@ impl Store for SqliteStore {
         executions: &[NewExecution],
     ) -> Result<Outcome> {
         let mut tx = self.writer.begin().await?;
+        let previous: Option<String> =
+            sqlx::query_scalar("SELECT run_id FROM run_commands WHERE machine_id = ? AND name = ?")
+                .bind(command.machine_id.to_string())
+                .bind(&command.name)
+                .fetch_optional(&mut *tx)
+                .await?;
         let outcome = insert_run(&mut tx, run, executions).await?;
         sqlx::query(&format!(
             "INSERT INTO run_commands ({RUN_COMMAND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) \
@@ -720,6 +726,9 @@ impl Store for SqliteStore {
             .bind(command.run_id.to_string())
             .execute(&mut *tx)
             .await?;
+        if let Some(previous) = previous {
+            forget_secrets_if_over(&mut tx, parse_id(&previous)?).await?;
+        }
         tx.commit().await?;
         Ok(outcome)
     }
@@ -775,12 +784,19 @@ impl Store for SqliteStore {
     }
 
     async fn delete_run_command(&self, machine: MachineId, name: &str) -> Result<bool> {
-        let deleted = sqlx::query("DELETE FROM run_commands WHERE machine_id = ? AND name = ?")
-            .bind(machine.to_string())
-            .bind(name)
-            .execute(&self.writer)
-            .await?;
-        Ok(deleted.rows_affected() > 0)
+        let mut tx = self.writer.begin().await?;
+        let deleted: Option<String> = sqlx::query_scalar(
+            "DELETE FROM run_commands WHERE machine_id = ? AND name = ? RETURNING run_id",
+        )
+        .bind(machine.to_string())
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(run) = &deleted {
+            forget_secrets_if_over(&mut tx, parse_id(run)?).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted.is_some())
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<RunRecord>> {
@@ -970,6 +986,7 @@ impl Store for SqliteStore {
         };
         if to_cancel.is_empty() && !outcome.changed.is_empty() && !has_open(&mut tx, run_id).await?
         {
+            forget_secrets(&mut tx, run_id).await?;
             outcome.finished_runs.push(run_id);
         }
         tx.commit().await?;
@@ -1041,10 +1058,35 @@ async fn settle(
     outcome.changed.splice(0..0, changed);
     for run in ended_in {
         if !has_open(tx, run).await? {
+            forget_secrets(tx, run).await?;
             outcome.finished_runs.push(run);
         }
     }
     Ok(outcome)
+}
+
+/// Blanks the protected parameter values of a run that is over, keeping their names: nothing
+/// will send them again. The latest run of a named run command keeps them, since a `PATCH`
+/// runs it again with them.
+async fn forget_secrets(tx: &mut Transaction<'_, Sqlite>, run: RunId) -> Result<()> {
+    sqlx::query(
+        "UPDATE runs SET protected_parameters = \
+         (SELECT json_group_object(key, '') FROM json_each(runs.protected_parameters)) \
+         WHERE id = ?1 AND protected_parameters != '{}' \
+         AND NOT EXISTS (SELECT 1 FROM run_commands WHERE run_id = ?1)",
+    )
+    .bind(run.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// `forget_secrets` for a run that may still be open.
+async fn forget_secrets_if_over(tx: &mut Transaction<'_, Sqlite>, run: RunId) -> Result<()> {
+    if !has_open(tx, run).await? {
+        forget_secrets(tx, run).await?;
+    }
+    Ok(())
 }
 
 async fn has_open(tx: &mut Transaction<'_, Sqlite>, run: RunId) -> Result<bool> {

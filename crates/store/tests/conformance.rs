@@ -628,3 +628,105 @@ async fn named_run_commands_point_at_their_latest_run() -> TestResult {
     assert!(store.get_run(again.id).await?.is_some());
     Ok(())
 }
+
+/// A run with a secret on `machine`, optionally made for the named run command `name`.
+async fn secret_run(
+    store: &dyn Store,
+    machine: MachineId,
+    name: Option<&str>,
+) -> Result<(RunId, ExecutionId), Box<dyn std::error::Error>> {
+    let request = RunRequest {
+        machines: vec![machine.to_string()],
+        script: "echo $token".into(),
+        protected_parameters: [("token".to_string(), "secret".to_string())].into(),
+        ..RunRequest::default()
+    };
+    let (targets, spec) = request.validate(&Limits::default())?;
+    let run = NewRun {
+        id: RunId::new(),
+        created_at: 10,
+        targets,
+        spec,
+    };
+    let execution = NewExecution {
+        id: ExecutionId::new(),
+        machine_id: machine,
+        machine_name: "a".into(),
+        delivery_deadline: 1000,
+        ineligible: None,
+    };
+    match name {
+        None => {
+            store
+                .create_run(&run, std::slice::from_ref(&execution))
+                .await?;
+        }
+        Some(name) => {
+            let command = store::RunCommandRecord {
+                machine_id: machine,
+                name: name.into(),
+                run_id: run.id,
+                async_execution: false,
+                treat_failure_as_deployment_failure: false,
+                created_at: 10,
+                updated_at: 10,
+            };
+            store
+                .put_run_command(&command, &run, std::slice::from_ref(&execution))
+                .await?;
+        }
+    }
+    Ok((run.id, execution.id))
+}
+
+async fn secret_of(store: &dyn Store, run: RunId) -> Result<String, Box<dyn std::error::Error>> {
+    let run = store.get_run_spec(run).await?.ok_or("run")?;
+    Ok(run
+        .spec
+        .protected_parameters
+        .get("token")
+        .cloned()
+        .ok_or("the name is kept")?)
+}
+
+#[tokio::test]
+async fn protected_values_are_forgotten_once_nothing_can_send_them_again() -> TestResult {
+    let (_dir, store) = sqlite().await?;
+    let a = machine(&store, "a").await?;
+
+    // A plain run keeps its secret while it may still be sent, and forgets it at its end.
+    let (run, execution) = secret_run(&store, a, None).await?;
+    assert_eq!(secret_of(&store, run).await?, "secret");
+    store
+        .apply(&[finish(execution, ExecutionState::Succeeded)], 40)
+        .await?;
+    assert_eq!(secret_of(&store, run).await?, "");
+
+    // A canceled run that never went out forgets it too.
+    let (run, _) = secret_run(&store, a, None).await?;
+    store.cancel_run(run, 40).await?;
+    assert_eq!(secret_of(&store, run).await?, "");
+
+    // A named run command's latest run keeps it after its end (a PATCH runs it again) ...
+    let (first, execution) = secret_run(&store, a, Some("deploy")).await?;
+    store
+        .apply(&[finish(execution, ExecutionState::Succeeded)], 40)
+        .await?;
+    assert_eq!(secret_of(&store, first).await?, "secret");
+    // ... until a new run replaces it, which keeps its own ...
+    let (second, execution) = secret_run(&store, a, Some("deploy")).await?;
+    assert_eq!(secret_of(&store, first).await?, "");
+    assert_eq!(secret_of(&store, second).await?, "secret");
+    // ... until the name is deleted and the run is over.
+    assert!(store.delete_run_command(a, "deploy").await?);
+    assert_eq!(
+        secret_of(&store, second).await?,
+        "secret",
+        "still to be sent"
+    );
+    store
+        .apply(&[finish(execution, ExecutionState::Failed)], 50)
+        .await?;
+    assert_eq!(secret_of(&store, second).await?, "");
+    Ok(())
+}
