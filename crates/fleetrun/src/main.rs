@@ -136,8 +136,15 @@ fn init_logging(daemon: bool) {
     } else {
         "warn"
     };
-    let filter =
+    let mut filter =
         EnvFilter::try_from_env("FLEETRUN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // At trace level the WebSocket library prints every frame whole, and frames carry
+    // protected parameters: no filter, however verbose, turns that on.
+    for quiet in ["tungstenite=debug", "tokio_tungstenite=debug"] {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

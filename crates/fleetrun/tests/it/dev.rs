@@ -35,7 +35,7 @@ impl Dev {
         .chain([data_dir.display().to_string()])
         .collect();
         let mut dev = Self {
-            process: Some(Process::spawn(&args, log)),
+            process: Some(Process::spawn(&args, log, None)),
             log: log.to_path_buf(),
             env: BTreeMap::new(),
         };

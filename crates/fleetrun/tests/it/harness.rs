@@ -134,14 +134,19 @@ pub(crate) struct Process {
 }
 
 impl Process {
-    pub(crate) fn spawn(args: &[String], log: &Path) -> Self {
+    /// Spawns `fleetrun args...` logging to `log`, at `FLEETRUN_LOG=log_filter` when given.
+    pub(crate) fn spawn(args: &[String], log: &Path, log_filter: Option<&str>) -> Self {
         let stdout = File::options()
             .create(true)
             .append(true)
             .open(log)
             .expect("open log");
         let stderr = stdout.try_clone().expect("clone log");
-        let child = command()
+        let mut command = command();
+        if let Some(filter) = log_filter {
+            command.env("FLEETRUN_LOG", filter);
+        }
+        let child = command
             .args(args)
             // Plain logs, readable when a failing test prints them.
             .env("NO_COLOR", "1")
@@ -337,6 +342,7 @@ pub(crate) struct Cluster {
     http: reqwest::blocking::Client,
     /// Process groups of scripts to kill when the cluster drops.
     groups: std::sync::Mutex<Vec<i32>>,
+    log_filter: Option<String>,
 }
 
 impl Cluster {
@@ -346,6 +352,12 @@ impl Cluster {
 
     /// A server started with `extra` flags (`--output-cap 1KiB`), and no agents yet.
     pub(crate) fn start_with(extra: &[&str]) -> Self {
+        Self::start_logging(extra, None)
+    }
+
+    /// A server started with `extra` flags, whose daemons (server and agents) log at
+    /// `FLEETRUN_LOG=log_filter` (`trace`) instead of the default.
+    pub(crate) fn start_logging(extra: &[&str], log_filter: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("fleetrun-it-")
             .tempdir()
@@ -361,6 +373,7 @@ impl Cluster {
             enroll_token: String::new(),
             http: http_client(),
             groups: std::sync::Mutex::new(Vec::new()),
+            log_filter: log_filter.map(str::to_string),
         };
         cluster.start_server("127.0.0.1:0");
         cluster
@@ -390,7 +403,11 @@ impl Cluster {
             data_dir.display().to_string(),
         ];
         args.extend(self.server_args.iter().cloned());
-        let mut server = Process::spawn(&args, &self.dir().join("logs/server.log"));
+        let mut server = Process::spawn(
+            &args,
+            &self.dir().join("logs/server.log"),
+            self.log_filter.as_deref(),
+        );
         let mut values = None;
         wait_until(STARTUP, "the server writes server.env", || {
             server.assert_running("the server");
@@ -509,9 +526,10 @@ impl Cluster {
     /// Starts agent `name` again, as it was first started, and waits until it is online.
     pub(crate) fn start_agent(&mut self, name: &str) {
         let log = self.dir().join(format!("logs/agent-{name}.log"));
+        let log_filter = self.log_filter.clone();
         let agent = self.agents.get_mut(name).expect("a known agent");
         assert!(agent.process.is_none(), "agent {name} is already running");
-        agent.process = Some(Process::spawn(&agent.args, &log));
+        agent.process = Some(Process::spawn(&agent.args, &log, log_filter.as_deref()));
         wait_until(STARTUP, &format!("machine {name} is online"), || {
             if let Some(process) = self
                 .agents
