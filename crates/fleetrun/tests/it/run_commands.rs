@@ -59,12 +59,18 @@ fn view(command: &Value) -> &Value {
 }
 
 /// A script that prints whether process group `group` still has a live member: zombies aside
-/// (an orphan that died may wait for a reaper that never comes, here as for the agent), and
-/// with each `/proc/*/stat` read after the command name, which may hold spaces.
+/// (an orphan that died may wait for a reaper that never comes, here as for the agent). Each
+/// `/proc/*/stat` is read on its own (a process may vanish in between) and split after the
+/// command name, which may hold spaces.
 fn live_group_check(group: i32) -> String {
     format!(
-        "awk '{{ sub(/^.*\\) /, \"\"); if ($3 == {group} && $1 != \"Z\") alive = 1 }} \
-         END {{ print alive ? \"still-running\" : \"gone\" }}' /proc/[0-9]*/stat 2>/dev/null"
+        r#"alive=gone
+for stat in /proc/[0-9]*/stat; do
+  fields=$(cat "$stat" 2>/dev/null) || continue
+  set -- ${{fields##*) }}
+  if [ "$3" = {group} ] && [ "$1" != Z ]; then alive=still-running; fi
+done
+echo "$alive""#
     )
 }
 
