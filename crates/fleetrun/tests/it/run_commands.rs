@@ -702,3 +702,54 @@ fn the_cli_puts_gets_lists_patches_and_deletes() {
         gone.stderr
     );
 }
+
+/// PUTs of one name at once: each cancels what ran before it, so in the end exactly one
+/// script of the name runs, the one the name points at.
+#[test]
+fn concurrent_puts_of_one_name_leave_one_script_running() {
+    let cluster = one_agent();
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let puts: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    put(
+                        &cluster,
+                        "race",
+                        &json!({"source": {"script": "sleep 300"}, "asyncExecution": true}),
+                    )
+                    .0
+                })
+            })
+            .collect();
+        puts.into_iter()
+            .map(|put| put.join().expect("a PUT thread"))
+            .collect()
+    });
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec![200, 200, 200, 201],
+        "one creates, the rest replace"
+    );
+
+    let latest = get(&cluster, "race").1;
+    let latest_run = view(&latest)["runId"].as_str().expect("run id").to_string();
+    let runs = cluster.get_json("/v1/runs")["runs"].clone();
+    let runs = runs.as_array().expect("runs");
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    for run in runs {
+        let id = run["id"].as_str().expect("id");
+        if id != latest_run {
+            let run = cluster.wait_run(id);
+            assert_eq!(run["status"], "canceled", "{run}");
+        }
+    }
+    let running = wait_command_state(&cluster, "race", "running");
+    assert_eq!(view(&running)["runId"], latest_run.as_str());
+
+    let (status, _, _) = send(&cluster, Method::DELETE, &format!("{COMMANDS}/race"), None);
+    assert_eq!(status, 204);
+    let run = cluster.wait_run(&latest_run);
+    assert_eq!(run["status"], "canceled", "{run}");
+}
