@@ -1,7 +1,6 @@
 //! `fleetrun machine-command`: named run commands on one machine (Azure's Run Command
 //! resource), from flags or from a raw Azure-style JSON body.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,7 +11,8 @@ use proto::run_command::{
 };
 
 use crate::operator::{
-    client, fail, key_value, name_maybe_value, print_json, protected_parameters,
+    client, fail, given_script, key_value, name_maybe_value, print_json, protected_parameters,
+    read_text,
 };
 use crate::table::{short_time, table};
 use crate::{Connection, Format};
@@ -164,13 +164,7 @@ fn body_of(args: &mut PutArgs, replace: bool) -> anyhow::Result<serde_json::Valu
         return serde_json::from_str(&text)
             .with_context(|| format!("--body {}: not JSON", path.display()));
     }
-    let script = match (args.script.take(), &args.file) {
-        (Some(text), None) if text == "-" => Some(read_text(&PathBuf::from("-"))?),
-        (Some(text), None) => Some(text),
-        (None, Some(path)) => Some(read_text(path)?),
-        (None, None) => None,
-        (Some(_), Some(_)) => bail!("give the script inline or with --file, not both"),
-    };
+    let script = given_script(args.script.as_deref(), args.file.as_deref())?;
     let source = if script.is_some() || args.script_uri.is_some() {
         Some(RunCommandSource {
             script,
@@ -212,17 +206,6 @@ fn body_of(args: &mut PutArgs, replace: bool) -> anyhow::Result<serde_json::Valu
             .then_some(args.treat_failure_as_deployment_failure),
     };
     Ok(serde_json::to_value(properties)?)
-}
-
-fn read_text(path: &PathBuf) -> anyhow::Result<String> {
-    if path.as_os_str() == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("reading stdin")?;
-        return Ok(text);
-    }
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 async fn put(mut args: PutArgs, replace: bool) -> anyhow::Result<ExitCode> {

@@ -198,6 +198,32 @@ pub(crate) fn fail(error: anyhow::Error, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// The script given inline, as `-` (stdin) or with `--file`, if any.
+pub(crate) fn given_script(
+    inline: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    match (inline, file) {
+        (Some("-"), None) => read_text(std::path::Path::new("-")).map(Some),
+        (Some(text), None) => Ok(Some(text.to_string())),
+        (None, Some(path)) => read_text(path).map(Some),
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => bail!("give the script inline or with --file, not both"),
+    }
+}
+
+/// A file's text; `-` reads stdin.
+pub(crate) fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading stdin")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
 pub(crate) async fn run(args: RunArgs) -> ExitCode {
     match run_inner(args).await {
         Ok(code) => code,
@@ -206,23 +232,12 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let script = match (&args.script, &args.file) {
-        (Some(text), None) if text == "-" => {
-            let mut script = String::new();
-            std::io::stdin()
-                .read_to_string(&mut script)
-                .context("reading the script from stdin")?;
-            script
-        }
-        (Some(text), None) => text.clone(),
-        (None, Some(path)) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
-        }
-        (None, None) if args.script_uri.is_some() => String::new(),
-        (None, None) => bail!(
+    let script = match given_script(args.script.as_deref(), args.file.as_deref())? {
+        Some(script) => script,
+        None if args.script_uri.is_some() => String::new(),
+        None => bail!(
             "give the script inline, as --file FILE, as - to read stdin, or as --script-uri URL"
         ),
-        (Some(_), Some(_)) => bail!("give the script inline or with --file, not both"),
     };
     let client = client(&args.connection)?;
     let request = CreateRun {

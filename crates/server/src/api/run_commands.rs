@@ -199,6 +199,16 @@ fn parameter_map(
     Ok(map)
 }
 
+/// A map of parameters as Azure's list of `{name, value}`, by name.
+fn parameter_list(map: &BTreeMap<String, String>) -> Vec<RunCommandParameter> {
+    map.iter()
+        .map(|(name, value)| RunCommandParameter {
+            name: name.clone(),
+            value: ParameterValue::Text(value.clone()),
+        })
+        .collect()
+}
+
 /// Field names of run validation, as Azure's properties call them (before any prefix).
 fn azure_field(field: &str) -> String {
     let (head, rest) = match field.split_once('.') {
@@ -280,16 +290,7 @@ fn run_spec(
 /// The properties a stored run command was last run with, protected values included: the
 /// base a `PATCH` changes.
 fn stored_properties(command: &RunCommandRecord, spec: &RunSpec) -> RunCommandProperties {
-    let list = |map: &BTreeMap<String, String>| {
-        Some(
-            map.iter()
-                .map(|(name, value)| RunCommandParameter {
-                    name: name.clone(),
-                    value: ParameterValue::Text(value.clone()),
-                })
-                .collect(),
-        )
-    };
+    let list = |map| Some(parameter_list(map));
     RunCommandProperties {
         source: Some(RunCommandSource {
             script: spec.script_uri.is_none().then(|| spec.script.clone()),
@@ -436,20 +437,8 @@ async fn submit(
         .treat_failure_as_deployment_failure
         .unwrap_or(false);
     let previous = state.store.get_run_command(machine.id, name).await?;
-    // Every run of this name still open on the machine, not just the latest: an earlier one
-    // may still be dying, or waiting for an agent that is away, or belong to a deleted
-    // command of the same name. The agent starts the new script only once they are gone.
-    let open = state
-        .store
-        .open_run_command_executions(machine.id, name)
-        .await?;
-    let mut canceled = std::collections::HashSet::new();
-    for execution in &open {
-        if canceled.insert(execution.run_id) {
-            dispatch::cancel_run(state, execution.run_id).await?;
-        }
-    }
-    spec.replaces = open.iter().map(|execution| execution.id).collect();
+    // The agent starts the new script only once these are gone.
+    spec.replaces = cancel_open_runs(state, machine, name).await?;
 
     let now = now_millis();
     let run = NewRun {
@@ -516,17 +505,25 @@ async fn submit(
     Ok(response)
 }
 
-/// The run's execution if it has not ended yet.
-async fn open_execution(
+/// Cancels every run of the name still open on the machine, not just the latest: an earlier
+/// one may still be dying, or waiting for an agent that is away, or belong to a deleted
+/// command of the same name. Answers their executions.
+async fn cancel_open_runs(
     state: &AppState,
-    run_id: RunId,
-) -> Result<Option<ExecutionRecord>, ApiError> {
-    Ok(state
+    machine: &MachineRecord,
+    name: &str,
+) -> Result<Vec<ExecutionId>, ApiError> {
+    let open = state
         .store
-        .run_executions(run_id)
-        .await?
-        .into_iter()
-        .find(|execution| !execution.state.is_terminal()))
+        .open_run_command_executions(machine.id, name)
+        .await?;
+    let mut canceled = std::collections::HashSet::new();
+    for execution in &open {
+        if canceled.insert(execution.run_id) {
+            dispatch::cancel_run(state, execution.run_id).await?;
+        }
+    }
+    Ok(open.iter().map(|execution| execution.id).collect())
 }
 
 /// The execution once it is terminal, or as it is at `deadline`.
@@ -607,9 +604,7 @@ pub(crate) async fn delete_run_command(
         .get_run_command(machine.id, &name)
         .await?
         .ok_or_else(|| run_command_not_found(&machine.name, &name))?;
-    if open_execution(&state, command.run_id).await?.is_some() {
-        dispatch::cancel_run(&state, command.run_id).await?;
-    }
+    cancel_open_runs(&state, &machine, &name).await?;
     state.store.delete_run_command(machine.id, &name).await?;
     drop(changing);
     tracing::info!(machine = %machine.name, name, run = %command.run_id, "run command deleted");
@@ -717,14 +712,7 @@ fn view(
                 script_sha256: spec.script_sha256.clone(),
                 command_id: None,
             },
-            parameters: spec
-                .parameters
-                .iter()
-                .map(|(name, value)| RunCommandParameter {
-                    name: name.clone(),
-                    value: ParameterValue::Text(value.clone()),
-                })
-                .collect(),
+            parameters: parameter_list(&spec.parameters),
             protected_parameters: spec
                 .protected_parameters
                 .keys()
